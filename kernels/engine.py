@@ -1,0 +1,68 @@
+"""The adaptation engine: `adapt` and `predict` for a whole batch of tasks, with interchangeable backends.
+
+- `reference`: torch autograd over the task-stacked reference forward (CPU or GPU).
+- `graph`: the reference captured in a CUDA graph per shape bucket (CUDA only).
+- `triton`: fused Triton kernels, captured in a CUDA graph (CUDA, or the Triton interpreter on the CPU).
+- `auto`: `triton` on CUDA, `reference` on the CPU.
+
+Serving adapts first-order (no graph through the steps is kept). All backends return the same results to the
+tolerance stated in tests/kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.checkpoint import MetaModel
+from models.maml import AdaptResult, adapt as reference_adapt, predict as reference_predict
+
+BACKENDS = ("auto", "reference", "graph", "triton")
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def adapt(self, model: MetaModel, support_x, support_y, steps: int, lr, track: bool) -> AdaptResult:
+        return reference_adapt(model.spec, model.params, support_x, support_y, steps, lr, track=track)
+
+    def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
+        with torch.no_grad():
+            return reference_predict(model.spec, fast, query_x, support_x, bn_policy)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is unknown, expected one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if backend in ("graph",) and device.type != "cuda":
+        raise ValueError(f"backend {backend!r} needs a CUDA device, got {device}")
+    return backend
+
+
+def make_backend(name: str, device: torch.device):
+    if name == "reference":
+        return ReferenceBackend()
+    raise NotImplementedError(f"backend {name!r} is not built yet")
+
+
+class Engine:
+    """adapt(model, support_x, support_y, steps, lr) -> fast params; predict(model, fast, query_x) -> logits.
+
+    Inputs are task-stacked and already preprocessed float32 on the engine's device:
+    support_x [T, N*K, *input_shape], support_y [T, N*K] int64, query_x [T, Q, *input_shape].
+    """
+
+    def __init__(self, backend: str = "auto", device: str | torch.device | None = None):
+        if device is None or device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.backend_name = resolve_backend(backend, self.device)
+        self.backend = make_backend(self.backend_name, self.device)
+
+    def adapt(self, model: MetaModel, support_x, support_y, steps: int | None = None, lr=None, track: bool = True):
+        steps = model.spec.steps if steps is None else steps
+        return self.backend.adapt(model, support_x, support_y, steps, model.inner_lr(lr), track)
+
+    def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
+        return self.backend.predict(model, fast, query_x, support_x, bn_policy)

@@ -1,0 +1,122 @@
+"""The checkpoint format: one file holding a format version, the model spec, tensors and provenance.
+
+Loaded with `torch.load(..., weights_only=True)`: a checkpoint can never run code. Every way a file can be wrong
+(missing, truncated, not a checkpoint, another format version, tensors that do not fit the spec, non-finite values,
+another architecture than the caller expects) is refused with a `CheckpointError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.functional import param_shapes
+from models.spec import ModelSpec
+
+FORMAT = "fastadapt-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, damaged, or not what the caller expected."""
+
+
+@dataclass
+class MetaModel:
+    """A meta-initialization: spec + tensors (no task axis) + optional Meta-SGD learning rates + provenance."""
+
+    spec: ModelSpec
+    params: dict[str, torch.Tensor]
+    inner_lrs: dict[str, torch.Tensor] | None = None  # Meta-SGD: one learned inner lr per parameter element
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def to(self, device) -> MetaModel:
+        move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return MetaModel(self.spec, move(self.params), move(self.inner_lrs), self.provenance)
+
+    def inner_lr(self, override: float | None = None):
+        """The inner learning rate to adapt with: a float override, the learned Meta-SGD rates, or the default."""
+        if override:
+            return float(override)
+        return self.inner_lrs if self.inner_lrs is not None else self.spec.inner_lr
+
+
+def save_checkpoint(path: str | os.PathLike, model: MetaModel) -> Path:
+    """Write atomically (temporary file + rename) so a crash never leaves a half-written checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec": model.spec.to_dict(),
+        "params": {k: v.detach().cpu().contiguous() for k, v in model.params.items()},
+        "inner_lrs": None if model.inner_lrs is None else {k: v.detach().cpu() for k, v in model.inner_lrs.items()},
+        "provenance": model.provenance,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _check_tensors(path, spec: ModelSpec, tensors, what: str):
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{path}: '{what}' is {type(tensors).__name__}, expected a dict of tensors")
+    expected = param_shapes(spec)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{path}: '{what}' does not fit architecture {spec.arch} with {spec.ways} ways: "
+            f"missing {missing}, unexpected {extra}"
+        )
+    for name, shape in expected.items():
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{path}: '{what}.{name}' has shape {got}, expected {list(shape)} for {spec.arch}")
+        if t.dtype != torch.float32:
+            raise CheckpointError(f"{path}: '{what}.{name}' has dtype {t.dtype}, expected torch.float32")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: '{what}.{name}' holds NaN or Inf values")
+
+
+def load_checkpoint(path: str | os.PathLike, *, expect_arch: str | None = None, device="cpu") -> MetaModel:
+    """Load and validate a checkpoint; `expect_arch` refuses a file of another architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated / corrupt / unsafe pickles
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a fastadapt checkpoint (missing format tag {FORMAT!r})")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    try:
+        spec = ModelSpec.from_dict(payload["spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model spec: {exc}") from exc
+    if expect_arch is not None and spec.arch != expect_arch:
+        raise CheckpointError(f"{path}: architecture {spec.arch!r}, expected {expect_arch!r}")
+    _check_tensors(path, spec, payload.get("params"), "params")
+    inner_lrs = payload.get("inner_lrs")
+    if inner_lrs is not None:
+        _check_tensors(path, spec, inner_lrs, "inner_lrs")
+    model = MetaModel(spec, payload["params"], inner_lrs, payload.get("provenance") or {})
+    return model.to(device)

@@ -1,0 +1,124 @@
+"""Reference inner loop: K plain-SGD steps for all T tasks at once, with torch autograd.
+
+Inner loss as cbfinn/maml: for classification the sum of per-example cross-entropy over the support set divided
+by K (the shots), i.e. N x the mean cross-entropy, so the paper's inner learning rates mean what they meant there.
+For regression, the mean squared error. Tasks are independent, so the gradient of the sum of the T task losses
+gives every task its own gradient in one backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.functional import forward, param_shapes, stack_params
+from models.spec import ModelSpec
+
+
+@dataclass
+class AdaptResult:
+    params: dict[str, torch.Tensor]  # fast weights, task-stacked [T, ...]
+    support_loss: torch.Tensor | None = None  # [steps + 1, T]: before each step, and after the last
+    support_accuracy: torch.Tensor | None = None  # [steps + 1, T] (classification only)
+
+
+def task_losses(spec: ModelSpec, out: torch.Tensor, y: torch.Tensor, shots: int | None = None) -> torch.Tensor:
+    """Per-task inner losses [T]. out: [T, B, ways]; y: [T, B] int64 labels (or [T, B, 1] float targets)."""
+    if spec.is_regression:
+        return ((out - y) ** 2).mean(dim=(1, 2))
+    tasks, batch, ways = out.shape
+    ce = F.cross_entropy(out.reshape(tasks * batch, ways), y.reshape(-1), reduction="none").view(tasks, batch)
+    k = shots if shots is not None else max(1, batch // ways)
+    return ce.sum(dim=1) / k
+
+
+def task_accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.argmax(dim=-1) == y).float().mean(dim=1)
+
+
+def adapt(
+    spec: ModelSpec,
+    params: dict[str, torch.Tensor],
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    steps: int,
+    lr: float | dict[str, torch.Tensor],
+    *,
+    second_order: bool = False,
+    track: bool = False,
+) -> AdaptResult:
+    """K SGD steps from `params` on each task's support set, all T tasks in one batched call.
+
+    params: a meta-initialization without task axis (broadcast to T) or task-stacked [T, ...].
+    support_x: [T, N*K, *input_shape]; support_y: [T, N*K].
+    lr: a float, or per-parameter tensors (Meta-SGD) shaped like the meta-initialization.
+    second_order: keep the graph through the inner gradients (MAML); otherwise the inner gradients are constants
+      (first-order MAML; and serving, where `params` need not require grad at all).
+    track: also return the support loss and accuracy before every step and after the last.
+    """
+    tasks = support_x.shape[0]
+    first = next(iter(params))
+    needs_meta_grad = params[first].requires_grad
+    if params[first].dim() == len(param_shapes(spec)[first]):  # a meta-initialization: broadcast to T tasks
+        fast = {k: v.unsqueeze(0).expand(tasks, *v.shape) for k, v in params.items()}
+    else:
+        fast = dict(params)
+    if not needs_meta_grad:
+        fast = {k: v.detach().clone().requires_grad_(True) for k, v in fast.items()}
+    shots = max(1, support_x.shape[1] // spec.ways)
+    losses, accs = [], []
+    with torch.enable_grad():
+        for _ in range(steps):
+            out = forward(spec, fast, support_x)
+            per_task = task_losses(spec, out, support_y, shots)
+            if track:
+                losses.append(per_task.detach())
+                if not spec.is_regression:
+                    accs.append(task_accuracy(out.detach(), support_y))
+            grads = torch.autograd.grad(per_task.sum(), list(fast.values()), create_graph=second_order)
+            if isinstance(lr, dict):
+                fast = {k: w - lr[k] * g for (k, w), g in zip(fast.items(), grads)}
+            else:
+                fast = {k: w - lr * g for (k, w), g in zip(fast.items(), grads)}
+            if not needs_meta_grad:
+                fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+    if not needs_meta_grad:
+        fast = {k: v.detach() for k, v in fast.items()}
+    if steps == 0:
+        fast = {k: v.contiguous() if v.requires_grad else v.contiguous().clone() for k, v in fast.items()}
+    result = AdaptResult(fast)
+    if track:
+        with torch.no_grad():
+            out = forward(spec, fast, support_x)
+            losses.append(task_losses(spec, out, support_y, shots))
+            if not spec.is_regression:
+                accs.append(task_accuracy(out, support_y))
+        result.support_loss = torch.stack(losses)
+        result.support_accuracy = torch.stack(accs) if accs else None
+    return result
+
+
+def predict(
+    spec: ModelSpec,
+    fast: dict[str, torch.Tensor],
+    query_x: torch.Tensor,
+    support_x: torch.Tensor | None = None,
+    bn_policy: str | None = None,
+) -> torch.Tensor:
+    """Query logits [T, Q, ways] under the model's batch-norm policy (or `bn_policy` to override it).
+
+    `support`: the query rows are forwarded behind the support rows and normalized with the support statistics,
+    so a query's logits do not depend on the other queries. `transductive`: the query batch's own statistics.
+    """
+    policy = bn_policy or spec.bn_policy
+    if policy == "support" and spec.arch != "mlp-sinusoid":
+        if support_x is None:
+            raise ValueError(f"model {spec.name} uses bn_policy 'support': predict needs the support set")
+        n = support_x.shape[1]
+        return forward(spec, fast, torch.cat([support_x, query_x], dim=1), stat_rows=n)[:, n:]
+    return forward(spec, fast, query_x)
+
+
+__all__ = ["AdaptResult", "adapt", "predict", "stack_params", "task_losses", "task_accuracy"]

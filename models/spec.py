@@ -1,0 +1,80 @@
+"""Model specs: what a meta-initialization is (architecture, input, ways, inner-loop defaults, BN policy)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+BN_POLICIES = ("transductive", "support")
+ARCHITECTURES = ("conv4-omniglot", "conv4-miniimagenet", "mlp-omniglot", "mlp-sinusoid")
+
+# Inputs each architecture takes per example (C, H, W) or (features,).
+ARCH_INPUT_SHAPE = {
+    "conv4-omniglot": (1, 28, 28),
+    "conv4-miniimagenet": (3, 84, 84),
+    "mlp-omniglot": (1, 28, 28),
+    "mlp-sinusoid": (1,),
+}
+
+# How uint8 pixels become model input: the training preprocessing, applied by the server to raw uint8 input.
+ARCH_PREPROCESSING = {
+    "conv4-omniglot": "omniglot: uint8 28x28 grayscale as the PNGs store it (dark strokes) -> 1 - x/255",
+    "conv4-miniimagenet": "miniimagenet: uint8 84x84 RGB, channels first -> x/255",
+    "mlp-omniglot": "omniglot: uint8 28x28 grayscale as the PNGs store it (dark strokes) -> 1 - x/255",
+    "mlp-sinusoid": "sinusoid: x in [-5, 5] as float32; uint8 input is not accepted",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild, adapt and serve a meta-initialization (its tensors aside).
+
+    `inner_lr` and `steps` are the serving defaults; `bn_policy` says how query images are normalized:
+    `transductive` uses the batch statistics of whatever is forwarded (the paper's behaviour) and `support`
+    uses the support set's statistics so one query's prediction never depends on the other queries.
+    """
+
+    name: str
+    arch: str
+    ways: int
+    inner_lr: float
+    steps: int
+    bn_policy: str = "support"
+    input_shape: tuple[int, ...] = field(default=())
+    hidden: int = 0  # conv filters / unused for MLPs (0 = architecture default)
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"model spec {self.name!r}: arch {self.arch!r} is unknown, expected one of {ARCHITECTURES}")
+        if self.bn_policy not in BN_POLICIES:
+            raise ValueError(f"model spec {self.name!r}: bn_policy {self.bn_policy!r}, expected one of {BN_POLICIES}")
+        if self.ways < 1:
+            raise ValueError(f"model spec {self.name!r}: ways={self.ways}, expected >= 1")
+        if not self.input_shape:
+            object.__setattr__(self, "input_shape", ARCH_INPUT_SHAPE[self.arch])
+        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        if not self.hidden:
+            object.__setattr__(self, "hidden", {"conv4-omniglot": 64, "conv4-miniimagenet": 32}.get(self.arch, 0))
+
+    @property
+    def is_regression(self) -> bool:
+        return self.arch == "mlp-sinusoid"
+
+    @property
+    def preprocessing(self) -> str:
+        return ARCH_PREPROCESSING[self.arch]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        d = dict(d)
+        d["input_shape"] = tuple(d.get("input_shape", ()))
+        return cls(**d)
+
+    def with_(self, **changes) -> ModelSpec:
+        d = self.to_dict()
+        d.update(changes)
+        return ModelSpec.from_dict(d)
