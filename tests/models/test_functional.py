@@ -1,0 +1,102 @@
+"""The task-stacked reference forward against an independent single-task oracle built from plain torch layers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.functional import BN_EPS, forward, init_params, num_params, param_shapes, stack_params
+from models.spec import ModelSpec
+
+SPECS = {
+    "conv4-omniglot": ModelSpec("t-omni", "conv4-omniglot", ways=5, inner_lr=0.4, steps=1, hidden=8),
+    "conv4-miniimagenet": ModelSpec("t-mini", "conv4-miniimagenet", ways=3, inner_lr=0.01, steps=5, hidden=4,
+                                    input_shape=(3, 32, 32)),
+    "mlp-omniglot": ModelSpec("t-mlp", "mlp-omniglot", ways=5, inner_lr=0.4, steps=1),
+    "mlp-sinusoid": ModelSpec("t-sin", "mlp-sinusoid", ways=1, inner_lr=0.01, steps=1),
+}
+
+
+def single_task_forward(spec, p, x, stat_rows=None):
+    """One task, no task axis: torch layers only (F.conv2d without groups, F.batch_norm on the stat rows)."""
+
+    def bn(h, gamma, beta):
+        src = h if stat_rows is None else h[:stat_rows]
+        dims = [0] + list(range(2, h.dim()))
+        mean = src.mean(dim=dims)
+        var = src.var(dim=dims, unbiased=False)
+        shape = [1, -1] + [1] * (h.dim() - 2)
+        return (h - mean.view(shape)) / torch.sqrt(var.view(shape) + BN_EPS) * gamma.view(shape) + beta.view(shape)
+
+    if spec.arch.startswith("conv4"):
+        h = x
+        for i in range(4):
+            stride = 2 if spec.arch == "conv4-omniglot" else 1
+            h = F.conv2d(h, p[f"conv{i}.weight"], p[f"conv{i}.bias"], stride=stride, padding=1)
+            h = F.relu(bn(h, p[f"bn{i}.weight"], p[f"bn{i}.bias"]))
+            if spec.arch == "conv4-miniimagenet":
+                h = F.max_pool2d(h, 2)
+        h = h.mean(dim=(2, 3)) if spec.arch == "conv4-omniglot" else h.flatten(1)
+    else:
+        h = x.flatten(1)
+        i = 0
+        while f"fc{i}.weight" in p:
+            h = F.linear(h, p[f"fc{i}.weight"], p[f"fc{i}.bias"])
+            if f"bn{i}.weight" in p:
+                h = bn(h, p[f"bn{i}.weight"], p[f"bn{i}.bias"])
+            h = F.relu(h)
+            i += 1
+    return F.linear(h, p["head.weight"], p["head.bias"])
+
+
+def random_task_params(spec, tasks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = stack_params(init_params(spec, g), tasks)
+    # Perturb every task differently so a mix-up between tasks cannot pass.
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+
+
+@pytest.mark.parametrize("arch", list(SPECS))
+@pytest.mark.parametrize("stat_rows", [None, 3])
+def test_task_stacked_forward_equals_single_task_forwards(arch, stat_rows):
+    spec = SPECS[arch]
+    tasks, batch = 3, 7
+    # float64: with 3 statistics rows an MLP's batch norm amplifies float32 rounding beyond 1e-5.
+    params = {k: v.double() for k, v in random_task_params(spec, tasks).items()}
+    x = torch.randn(tasks, batch, *spec.input_shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = forward(spec, params, x, stat_rows=stat_rows)
+    assert out.shape == (tasks, batch, spec.ways)
+    for t in range(tasks):
+        expected = single_task_forward(spec, {k: v[t] for k, v in params.items()}, x[t], stat_rows)
+        torch.testing.assert_close(out[t], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_counts_match_cbfinn():
+    omni = ModelSpec("omniglot-5w1s", "conv4-omniglot", ways=5, inner_lr=0.4, steps=1)
+    assert num_params(omni) == 112_261
+    assert num_params(omni.with_(ways=20)) == 113_236
+    mini = ModelSpec("mini", "conv4-miniimagenet", ways=5, inner_lr=0.01, steps=5)
+    assert param_shapes(mini)["head.weight"] == (5, 800)
+
+
+def test_forward_names_bad_input_shape():
+    spec = SPECS["conv4-omniglot"]
+    params = random_task_params(spec, 2)
+    with pytest.raises(ValueError, match=r"expected \[T, B, 1, 28, 28\] for model t-omni"):
+        forward(spec, params, torch.zeros(2, 5, 28, 28))
+
+
+def test_support_policy_isolates_queries_and_transductive_does_not():
+    spec = SPECS["conv4-omniglot"]
+    params = random_task_params(spec, 2)
+    g = torch.Generator().manual_seed(3)
+    support = torch.rand(2, 5, 1, 28, 28, generator=g)
+    queries = torch.rand(2, 6, 1, 28, 28, generator=g)
+    other = queries.clone()
+    other[:, 1:] = torch.rand(2, 5, 1, 28, 28, generator=g)  # change every query but the first
+
+    def support_logits(q):
+        return forward(spec, params, torch.cat([support, q], 1), stat_rows=5)[:, 5:]
+
+    torch.testing.assert_close(support_logits(queries)[:, 0], support_logits(other)[:, 0], atol=1e-6, rtol=0)
+    diff = (forward(spec, params, queries)[:, 0] - forward(spec, params, other)[:, 0]).abs().max()
+    assert diff > 1e-3, "transductive batch norm should let the other queries change the first one's logits"
