@@ -44,7 +44,7 @@ class ModelSpec:
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"model spec {self.name!r}: arch {self.arch!r} is unknown, expected one of {ARCHITECTURES}")
+            raise ValueError(f"model spec {self.name!r}: arch {self.arch!r}, expected one of {ARCHITECTURES}")
         if self.bn_policy not in BN_POLICIES:
             raise ValueError(f"model spec {self.name!r}: bn_policy {self.bn_policy!r}, expected one of {BN_POLICIES}")
         if self.ways < 1:

@@ -1,0 +1,48 @@
+"""PNG plots: query accuracy (or MSE) vs inner step, and the training curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_steps(result: dict, title: str, path: Path):
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for policy in ("transductive", "support"):
+        if policy not in result:
+            continue
+        mean, ci = result[policy]["mean"], result[policy]["ci95"]
+        steps = range(len(mean))
+        ax.plot(steps, mean, marker="o", label=f"BN {policy}")
+        ax.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)], alpha=0.2)
+    ax.set_xlabel("inner SGD steps")
+    ax.set_ylabel("query MSE" if result["metric"] == "mse" else "query accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training(log_path: Path, title: str, path: Path):
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["iteration"] for r in records], [r["train_acc"] for r in records], label="meta-train query acc (%)")
+    val = [(r["iteration"], r["val"]) for r in records if "val" in r and r["val"] == r["val"]]
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation")
+    ax.set_xlabel("meta-iteration")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

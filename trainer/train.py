@@ -1,0 +1,219 @@
+"""The meta-training loop: data, meta-updates, validation, checkpoints, resume, final meta-test evaluation.
+
+`python -m trainer CONFIG [--resume] [--key value ...]`; `torchrun --nproc_per_node N -m trainer ...` splits every
+meta-batch across ranks and all-reduces the meta-gradient (each rank draws the same full meta-batch from the same
+seeded sampler and keeps its slice, so N ranks make exactly the update one process makes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models.checkpoint import MetaModel, save_checkpoint
+from models.spec import ModelSpec
+from trainer.config import TrainConfig
+from trainer.evaluate import evaluate
+from trainer.meta import MetaLearner
+
+STATE_FILE = "state.pt"
+TEST_SEED = 1_000_003  # meta-test tasks are the same for every model and run
+VAL_SEED = 1_000_033
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_spec(cfg: TrainConfig) -> ModelSpec:
+    return ModelSpec(name=cfg.name, arch=cfg.arch, ways=cfg.ways, inner_lr=cfg.inner_lr, steps=cfg.test_steps,
+                     bn_policy=cfg.serve_bn_policy, hidden=cfg.hidden)
+
+
+def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
+    """Samplers for 'train', 'val' (or None) and 'test', and the split's provenance."""
+    if cfg.dataset == "sinusoid":
+        from trainer.data.sinusoid import SinusoidSampler
+
+        return ({"train": SinusoidSampler(cfg.shots, cfg.queries, seed=cfg.seed, device=device),
+                 "val": lambda: SinusoidSampler(cfg.shots, cfg.eval_queries, seed=VAL_SEED, device=device),
+                 "test": lambda: SinusoidSampler(cfg.shots, cfg.eval_queries, seed=TEST_SEED, device=device)},
+                {"dataset": "sinusoid"})
+    if cfg.dataset == "omniglot":
+        from trainer.data.omniglot import load_omniglot, omniglot_split, split_info
+        from trainer.data.sampler import omniglot_sampler as make
+
+        data = load_omniglot(cfg.data_root or None)
+        splits = omniglot_split(data, cfg.split, seed=0, val_classes=cfg.val_classes)
+        info = split_info(data, cfg.split, 0, cfg.val_classes)
+    elif cfg.dataset == "miniimagenet":
+        from trainer.data.miniimagenet import load_miniimagenet
+        from trainer.data.miniimagenet import miniimagenet_sampler as make
+
+        root = cfg.data_root or os.environ.get("FASTADAPT_MINIIMAGENET", "")
+        splits = {s: load_miniimagenet(root, s) for s in ("train", "val", "test")}
+        info = {"dataset": "miniimagenet", "split": "ravi", "classes": {s: len(v) for s, v in splits.items()}}
+    else:
+        raise ValueError(f"dataset {cfg.dataset!r}, expected omniglot, miniimagenet or sinusoid")
+    samplers = {
+        "train": make(splits["train"], cfg.ways, cfg.shots, cfg.queries, rotate=cfg.rotate, seed=cfg.seed,
+                      device=device),
+        "val": (lambda: make(splits["val"], cfg.ways, cfg.shots, cfg.eval_queries, seed=VAL_SEED, device=device))
+        if len(splits["val"]) >= cfg.ways else None,
+        "test": lambda: make(splits["test"], cfg.ways, cfg.shots, cfg.eval_queries, seed=TEST_SEED, device=device),
+    }
+    return samplers, info
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def rank_slice(batch, rank: int, world: int):
+    """This rank's share of a full meta-batch (support_x, support_y, query_x, query_y)."""
+    t = batch[0].shape[0]
+    if t % world:
+        raise ValueError(f"meta_batch {t} is not divisible by the {world} ranks")
+    n = t // world
+    return tuple(b[rank * n: (rank + 1) * n] for b in batch)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        self.rank, self.world = _dist_info()
+        self.device = pick_device(cfg.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
+        self.dir = Path(cfg.run_dir())
+        self.spec = model_spec(cfg)
+        self.samplers, self.split_info = build_samplers(cfg, self.device)
+        self.learner = MetaLearner(cfg, self.spec, self.device, torch.Generator().manual_seed(cfg.seed))
+        self.iteration = 0
+        self.best_val = -float("inf")
+        self.train_seconds = 0.0
+        if resume:
+            self._load_state()
+
+    # ---- state ----
+    def _state(self) -> dict:
+        return {"iteration": self.iteration, "best_val": self.best_val, "train_seconds": self.train_seconds,
+                "config": dataclasses.asdict(self.cfg), "learner": self.learner.state_dict(),
+                "sampler": self.samplers["train"].state_dict()}
+
+    def _save_state(self):
+        if self.rank:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / (STATE_FILE + ".tmp")
+        torch.save(self._state(), tmp)
+        os.replace(tmp, self.dir / STATE_FILE)
+
+    def _load_state(self):
+        path = self.dir / STATE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no training state at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.iteration, self.best_val = state["iteration"], state["best_val"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.learner.load_state_dict(state["learner"])
+        self.samplers["train"].load_state_dict(state["sampler"])
+
+    def meta_model(self, provenance: dict | None = None) -> MetaModel:
+        lrs = self.learner.inner_lrs
+        return MetaModel(self.spec, {k: v.detach().cpu() for k, v in self.learner.params.items()},
+                         None if lrs is None else {k: v.detach().cpu() for k, v in lrs.items()},
+                         provenance or {})
+
+    def provenance(self, **extra) -> dict:
+        return {"config": dataclasses.asdict(self.cfg), "commit": git_commit(), "split": self.split_info,
+                "iterations": self.iteration, "train_seconds": round(self.train_seconds, 1),
+                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                **extra}
+
+    # ---- loop ----
+    def _log(self, record: dict):
+        if self.rank:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def validate(self) -> float:
+        make = self.samplers["val"]
+        if make is None:
+            return float("nan")
+        lr = self.learner.inner_lrs if self.learner.inner_lrs is not None else self.cfg.inner_lr
+        res = evaluate(self.spec, self.learner.params, make(), self.cfg.val_tasks, self.cfg.test_steps, lr,
+                       self.cfg.eval_chunk, policies=(self.cfg.bn_policy,))
+        key = self.cfg.bn_policy if not self.spec.is_regression else "transductive"
+        value = res[key]["mean"][-1]
+        return -value if self.spec.is_regression else value
+
+    def train(self):
+        cfg = self.cfg
+        if self.rank == 0:
+            print(json.dumps({"config": dataclasses.asdict(cfg), "device": str(self.device), "world": self.world}))
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not cfg.progress or self.rank != 0,
+                   desc=cfg.name, unit="it", dynamic_ncols=True)
+        loss_sum = acc_sum = None
+        window = 0
+        t0 = time.perf_counter()
+        while self.iteration < cfg.iterations:
+            b = self.samplers["train"].sample(cfg.meta_batch)
+            batch = (b.support_x, b.support_y, b.query_x, b.query_y)
+            if self.world > 1:
+                batch = rank_slice(batch, self.rank, self.world)
+            loss, acc = self.learner.step(batch, self.world)
+            loss_sum = loss.clone() if loss_sum is None else loss_sum + loss
+            acc_sum = acc.clone() if acc_sum is None else acc_sum + acc
+            window += 1
+            self.iteration += 1
+            bar.update(1)
+            last = self.iteration == cfg.iterations
+            if self.iteration % cfg.log_every == 0 or last:
+                record = {"iteration": self.iteration, "train_loss": (loss_sum / window).item(),
+                          "train_acc": (acc_sum / window).item() * 100}
+                loss_sum = acc_sum = None
+                window = 0
+                if self.iteration % cfg.val_every == 0 or last:
+                    self.train_seconds += time.perf_counter() - t0  # validation time is not training time
+                    val = self.validate()
+                    t0 = time.perf_counter()
+                    record["val"] = val
+                    if val > self.best_val and self.rank == 0:
+                        self.best_val = val
+                        save_checkpoint(self.dir / "best.pt", self.meta_model(self.provenance(best_val=val)))
+                self.train_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                record["seconds"] = round(self.train_seconds, 2)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_acc']:.1f}",
+                                val=f"{record.get('val', float('nan')):.2f}")
+                self._log(record)
+            if self.iteration % cfg.checkpoint_every == 0 or last:
+                self._save_state()
+        bar.close()
+        if self.rank == 0:
+            save_checkpoint(self.dir / "last.pt", self.meta_model(self.provenance()))
+        return self
