@@ -45,6 +45,7 @@ class TrainConfig:
     out_dir: str = ""  # default runs/<name>
     data_root: str = ""  # default: $FASTADAPT_OMNIGLOT or ../shared/data/omniglot
     hidden: int = 0  # conv filters (0: the architecture's default)
+    max_seconds: float = 0.0  # stop (checkpointed, evaluated) after this many seconds of this invocation; 0 = none
     final_eval: bool = True
     progress: bool = True
     extra: dict = field(default_factory=dict)

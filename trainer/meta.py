@@ -72,7 +72,13 @@ class MetaLearner:
         if not use_graph:
             return self._backward_and_update(batch, world)
         if self._graph is None:
-            self._capture(batch)
+            try:
+                self._capture(batch)
+            except RuntimeError as exc:  # keep training without the graph rather than lose the run
+                print(f"warning: CUDA graph capture failed ({exc}); continuing without it")
+                self.cfg.cuda_graph = False
+                self._graph = None
+                return self._backward_and_update(batch, world)
         for dst, src in zip(self._static, batch):
             dst.copy_(src, non_blocking=True)
         self._graph.replay()

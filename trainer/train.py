@@ -179,7 +179,7 @@ class Trainer:
                    desc=cfg.name, unit="it", dynamic_ncols=True)
         loss_sum = acc_sum = None
         window = 0
-        t0 = time.perf_counter()
+        t0 = session_start = time.perf_counter()
         while self.iteration < cfg.iterations:
             b = self.samplers["train"].sample(cfg.meta_batch)
             batch = (b.support_x, b.support_y, b.query_x, b.query_y)
@@ -191,7 +191,8 @@ class Trainer:
             window += 1
             self.iteration += 1
             bar.update(1)
-            last = self.iteration == cfg.iterations
+            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - session_start > cfg.max_seconds
+            last = self.iteration == cfg.iterations or (out_of_time and self.iteration % cfg.log_every == 0)
             if self.iteration % cfg.log_every == 0 or last:
                 record = {"iteration": self.iteration, "train_loss": (loss_sum / window).item(),
                           "train_acc": (acc_sum / window).item() * 100}
@@ -213,6 +214,8 @@ class Trainer:
                 self._log(record)
             if self.iteration % cfg.checkpoint_every == 0 or last:
                 self._save_state()
+            if last:
+                break
         bar.close()
         if self.rank == 0:
             save_checkpoint(self.dir / "last.pt", self.meta_model(self.provenance()))

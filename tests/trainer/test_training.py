@@ -73,3 +73,9 @@ def test_sinusoid_meta_training_lowers_post_adaptation_mse(tmp_path):
     trainer.train()
     after = evaluate(trainer.spec, trainer.learner.params, trainer.samplers["test"](), 200, 1, cfg.inner_lr)
     assert after["transductive"]["mean"][1] < 0.8 * before["transductive"]["mean"][1]
+
+
+def test_max_seconds_stops_early_with_a_checkpoint(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, iterations=10_000, hidden=8, meta_batch=2, max_seconds=1e-9)).train()
+    assert trainer.iteration == 5  # stops at the first log point, checkpointed
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "state.pt").exists()
