@@ -1,0 +1,175 @@
+"""TaskSampler on synthetic arrays whose pixels identify their class and example, plus the Omniglot preprocessing."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.preprocess import preprocess_uint8
+from models.spec import ModelSpec
+from trainer.data import TaskSampler, miniimagenet_sampler, omniglot_sampler
+
+N_CLASSES, N_PER_CLASS, SIDE = 12, 10, 6
+
+
+def tagged_images(channels: int | None = None, seed: int = 0) -> np.ndarray:
+    """uint8 [12, 10, (C,) 6, 6], random and asymmetric (so every rotation differs), distinct per image."""
+    rng = np.random.default_rng(seed)
+    shape = (N_CLASSES, N_PER_CLASS) + ((channels,) if channels else ()) + (SIDE, SIDE)
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    images.reshape(N_CLASSES, N_PER_CLASS, -1)[:, :, 0] = np.arange(N_CLASSES * N_PER_CLASS).reshape(N_CLASSES, -1)
+    return images
+
+
+def source_examples(images: np.ndarray, batch, which: str) -> torch.Tensor:
+    """uint8 [T, N*S, C, H, W]: the source image of every example of the batch, from its recorded indices."""
+    data = torch.as_tensor(images)
+    if data.dim() == 4:
+        data = data.unsqueeze(2)
+    index = getattr(batch, f"{which}_index")
+    per_class = index.shape[1] // batch.classes.shape[1]
+    classes = batch.classes.repeat_interleave(per_class, dim=1)
+    return data[classes, index]
+
+
+def check_batch(images, sampler, batch, tasks):
+    n, k, q = sampler.ways, sampler.shots, sampler.queries
+    c = 1 if images.ndim == 4 else images.shape[2]
+    assert batch.support_x.shape == (tasks, n * k, c, SIDE, SIDE) and batch.support_x.dtype == torch.float32
+    assert batch.query_x.shape == (tasks, n * q, c, SIDE, SIDE) and batch.query_x.dtype == torch.float32
+    assert batch.support_y.shape == (tasks, n * k) and batch.support_y.dtype == torch.int64
+    assert batch.query_y.shape == (tasks, n * q) and batch.query_y.dtype == torch.int64
+    assert batch.support_x.is_contiguous() and batch.query_x.is_contiguous()
+    assert (batch.support_y == torch.arange(n).repeat_interleave(k)).all()
+    assert (batch.query_y == torch.arange(n).repeat_interleave(q)).all()
+    # classes without replacement per task; examples without replacement per class (support and query together)
+    assert all(len(set(row.tolist())) == n for row in batch.classes)
+    both = torch.cat([batch.support_index.view(tasks, n, k), batch.query_index.view(tasks, n, q)], dim=2)
+    assert all(len(set(row.tolist())) == k + q for row in both.view(tasks * n, k + q))
+    for which in ("support", "query"):
+        src = source_examples(images, batch, which).float() / 255
+        assert torch.equal(getattr(batch, f"{which}_x"), src)  # rotate=False: exactly the source pixels / 255
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_shapes_labels_and_content(channels, as_torch):
+    images = tagged_images(channels)
+    source = torch.from_numpy(images) if as_torch else images
+    sampler = TaskSampler(source, ways=5, shots=2, queries=3, seed=3)
+    for tasks in (1, 7):
+        check_batch(images, sampler, sampler.sample(tasks), tasks)
+    assert sampler.tasks_sampled == 8
+
+
+def test_labels_are_assigned_in_random_class_order_and_cover_all_classes():
+    sampler = TaskSampler(tagged_images(), ways=5, shots=1, queries=1, seed=0)
+    batch = sampler.sample(600)
+    ordered = (batch.classes.diff(dim=1) > 0).all(dim=1).float().mean().item()
+    assert ordered < 0.05  # 1/120 of the tasks when the order is random, all of them when sorted
+    assert set(batch.classes.flatten().tolist()) == set(range(N_CLASSES))
+    assert set(batch.support_index.flatten().tolist()) == set(range(N_PER_CLASS))
+    counts = torch.bincount(batch.classes.flatten(), minlength=N_CLASSES).float()
+    assert counts.min() > 0.7 * counts.mean() and counts.max() < 1.3 * counts.mean()
+
+
+def test_all_classes_and_all_examples_at_the_limits():
+    sampler = TaskSampler(tagged_images(), ways=N_CLASSES, shots=4, queries=N_PER_CLASS - 4, seed=1)
+    batch = sampler.sample(3)
+    assert all(sorted(row.tolist()) == list(range(N_CLASSES)) for row in batch.classes)
+    check_batch(tagged_images(), sampler, batch, 3)
+
+
+def test_no_queries():
+    batch = TaskSampler(tagged_images(), ways=3, shots=2, queries=0).sample(4)
+    assert batch.query_x.shape == (4, 0, 1, SIDE, SIDE) and batch.query_y.shape == (4, 0)
+
+
+def test_deterministic_per_seed():
+    images = tagged_images()
+    a = TaskSampler(images, 5, 1, 5, rotate=True, seed=7).sample(16)
+    b = TaskSampler(images, 5, 1, 5, rotate=True, seed=7).sample(16)
+    c = TaskSampler(images, 5, 1, 5, rotate=True, seed=8).sample(16)
+    for name in ("support_x", "query_x", "classes", "support_index", "query_index", "rotations"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert not torch.equal(a.classes, c.classes)
+
+
+def test_resume_from_state_dict_is_bit_exact(tmp_path):
+    images = tagged_images()
+    first = TaskSampler(images, 5, 1, 5, rotate=True, seed=11)
+    first.sample(4)
+    torch.save({"sampler": first.state_dict()}, tmp_path / "state.pt")
+    expected = [first.sample(4), first.sample(9)]
+    resumed = TaskSampler(images, 5, 1, 5, rotate=True, seed=0)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True)["sampler"])
+    assert resumed.seed == 11 and resumed.tasks_sampled == 4
+    for want in expected:
+        got = resumed.sample(want.num_tasks)
+        assert torch.equal(got.support_x, want.support_x) and torch.equal(got.query_x, want.query_x)
+        assert torch.equal(got.rotations, want.rotations)
+    with pytest.raises(KeyError, match="lacks"):
+        resumed.load_state_dict({"seed": 1})
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+def test_rotation_really_rotates(channels):
+    images = tagged_images(channels)
+    sampler = TaskSampler(images, ways=4, shots=2, queries=2, rotate=True, seed=5)
+    batch = sampler.sample(50)
+    assert set(batch.rotations.flatten().tolist()) == {0, 1, 2, 3}
+    for which in ("support", "query"):
+        src = source_examples(images, batch, which).float() / 255
+        x = getattr(batch, f"{which}_x")
+        per_class = x.shape[1] // 4
+        turns = batch.rotations.repeat_interleave(per_class, dim=1)
+        for t in range(batch.num_tasks):
+            for i in range(x.shape[1]):
+                k = int(turns[t, i])
+                assert torch.equal(x[t, i], torch.rot90(src[t, i], k, dims=(-2, -1)))
+                if k:
+                    assert not torch.equal(x[t, i], src[t, i])
+
+
+def test_omniglot_and_miniimagenet_preprocessing_match_models():
+    images = tagged_images()
+    omni = omniglot_sampler(images, 3, 1, 2, seed=2).sample(5)
+    spec = ModelSpec("t", "conv4-omniglot", ways=3, inner_lr=0.4, steps=1)
+    raw = source_examples(images, omni, "support")
+    assert torch.equal(omni.support_x, preprocess_uint8(spec, raw))
+    rgb = tagged_images(channels=3)
+    mini = miniimagenet_sampler(rgb, 3, 1, 2, seed=2).sample(5)
+    spec = ModelSpec("t", "conv4-miniimagenet", ways=3, inner_lr=0.01, steps=1)
+    assert torch.equal(mini.query_x, preprocess_uint8(spec, source_examples(rgb, mini, "query")))
+
+
+def test_custom_preprocess_and_to():
+    batch = TaskSampler(tagged_images(), 2, 1, 1, preprocess=lambda x: x.to(torch.float64)).sample(2)
+    assert batch.support_x.dtype == torch.float64 and batch.support_x.max() > 1
+    moved = batch.to("cpu")
+    assert torch.equal(moved.support_x, batch.support_x) and moved.amplitude is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"ways": 13}, ValueError, "ways=13 but the images hold only 12 classes"),
+        ({"shots": 5, "queries": 6}, ValueError, "5 \\+ 6 = 11 examples per class, but the images hold only 10"),
+        ({"shots": 0}, ValueError, "shots=0, expected an integer >= 1"),
+        ({"queries": -1}, ValueError, "queries=-1, expected an integer >= 0"),
+        ({"ways": 2.0}, ValueError, "ways=2.0, expected an integer"),
+        ({"images": np.zeros((4, 5, 6, 6), np.float32)}, TypeError, "dtype torch.float32, expected uint8"),
+        ({"images": np.zeros((4, 5, 6), np.uint8)}, ValueError, r"shape \[4, 5, 6\], expected \[n_classes"),
+        ({"images": np.zeros((4, 5, 6, 7), np.uint8), "ways": 2, "rotate": True}, ValueError,
+         "square images, got H x W = 6 x 7"),
+    ],
+)
+def test_errors(kwargs, error, message):
+    args = {"images": tagged_images(), "ways": 5, "shots": 1, "queries": 1, **kwargs}
+    with pytest.raises(error, match=message):
+        TaskSampler(**args)
+
+
+def test_tasks_must_be_positive():
+    sampler = TaskSampler(tagged_images(), 5, 1, 1)
+    with pytest.raises(ValueError, match="tasks=0, expected an integer >= 1"):
+        sampler.sample(0)

@@ -1,0 +1,195 @@
+"""N-way K-shot task sampling for classification, vectorized on the device.
+
+A `TaskSampler` holds a uint8 image array [n_classes, n_per_class, C, H, W] on its device (moved there once) and a
+torch.Generator on that device. `sample(T)` draws all T tasks at once: per task N classes without replacement
+(the first N of a random permutation: argsort of uniform noise), per class K + Q examples without replacement, and with
+`rotate` one random multiple of 90 degrees per class (as cbfinn/maml), taken from four pre-rotated copies of the array.
+One `index_select` per set gathers the uint8 pixels; the preprocessing turns them into float32 model input on the
+device. There is no Python loop per task or per image. The generator state is the sampler's whole state, so
+`state_dict()` / `load_state_dict()` resume a run bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TaskBatch:
+    """T tasks. Classification: x float32 [T, N*K, C, H, W], y int64 [T, N*K] with labels 0..N-1, class-major
+    (the K examples of label 0 first). Regression (sinusoid): x, y float32 [T, K, 1]. Query likewise with Q.
+
+    Optional provenance, for tests and debugging: `classes` [T, N] (index into the sampler's class array of the class
+    given label j), `support_index` [T, N*K] / `query_index` [T, N*Q] (example index within its class), `rotations`
+    [T, N] (multiples of 90 degrees, counter-clockwise as torch.rot90), `amplitude` / `phase` [T] (sinusoid).
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    classes: torch.Tensor | None = None
+    support_index: torch.Tensor | None = None
+    query_index: torch.Tensor | None = None
+    rotations: torch.Tensor | None = None
+    amplitude: torch.Tensor | None = None
+    phase: torch.Tensor | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: str | torch.device) -> TaskBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TaskBatch(**{name: None if v is None else v.to(device) for name, v in moved.items()})
+
+
+def scale_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1] (mini-ImageNet, and the sampler default)."""
+    return x.float().div_(255.0)
+
+
+def invert_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 Omniglot pixels (dark strokes) -> float32 1 - x/255 (strokes 1.0), as models.preprocess."""
+    return 1.0 - x.float().div_(255.0)
+
+
+def check_count(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name}={value!r}, expected an integer >= {minimum}")
+    return int(value)
+
+
+class GeneratorState:
+    """The resumable part of a sampler: a torch.Generator on the sampler's device, seeded from `seed`."""
+
+    def __init__(self, seed: int, device: str | torch.device):
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.seed)
+        self.tasks_sampled = 0
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "seed": self.seed, "tasks_sampled": self.tasks_sampled}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"generator", "seed", "tasks_sampled"} - set(state)
+        if missing:
+            raise KeyError(f"sampler state lacks {sorted(missing)}, expected a dict from state_dict()")
+        self.generator.set_state(state["generator"].cpu())
+        self.seed = int(state["seed"])
+        self.tasks_sampled = int(state["tasks_sampled"])
+
+
+class TaskSampler(GeneratorState):
+    """N-way (`ways`), K-shot (`shots`) tasks with `queries` query examples per class, drawn from uint8 `images`.
+
+    images: uint8 [n_classes, n_per_class, H, W] or [n_classes, n_per_class, C, H, W], numpy or torch.
+    preprocess: uint8 tensor -> float tensor on the device (default x/255).
+    """
+
+    def __init__(
+        self,
+        images,
+        ways: int,
+        shots: int,
+        queries: int,
+        rotate: bool = False,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__(seed, device)
+        data = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
+        if data.dtype != torch.uint8:
+            raise TypeError(f"images have dtype {data.dtype}, expected uint8 pixels")
+        if data.dim() == 4:
+            data = data.unsqueeze(2)
+        if data.dim() != 5:
+            raise ValueError(
+                f"images have shape {list(data.shape)}, expected [n_classes, n_per_class, H, W] or [..., C, H, W]"
+            )
+        self.ways = check_count("ways", ways, 1)
+        self.shots = check_count("shots", shots, 1)
+        self.queries = check_count("queries", queries, 0)
+        n_classes, n_per_class = data.shape[:2]
+        if self.ways > n_classes:
+            raise ValueError(f"ways={ways} but the images hold only {n_classes} classes")
+        if self.shots + self.queries > n_per_class:
+            raise ValueError(
+                f"shots + queries = {shots} + {queries} = {shots + queries} examples per class, "
+                f"but the images hold only {n_per_class} per class"
+            )
+        self.rotate = bool(rotate)
+        if self.rotate and data.shape[-1] != data.shape[-2]:
+            raise ValueError(f"rotate=True needs square images, got H x W = {data.shape[-2]} x {data.shape[-1]}")
+        self.preprocess = preprocess or scale_uint8
+        self.n_classes, self.n_per_class = int(n_classes), int(n_per_class)
+        self.example_shape = tuple(data.shape[2:])
+        data = data.to(self.device)
+        # [4, n_classes, n_per_class, C, H, W]: copy r is rotated by r * 90 degrees; a rotation is then one gather.
+        # Without rotation the array is used in place (no copy of a numpy array on the CPU).
+        if self.rotate:
+            self.pixels = torch.stack([torch.rot90(data, r, dims=(-2, -1)) for r in range(4)]).contiguous()
+        else:
+            self.pixels = data.contiguous().unsqueeze(0)
+        # One row per (rotation, class, example): a flat index_select is ~5x faster than 3-tensor advanced indexing.
+        self._rows = self.pixels.view(-1, *self.example_shape)
+        n, k, q = self.ways, self.shots, self.queries
+        self._support_y = torch.arange(n, device=self.device).repeat_interleave(k)
+        self._query_y = torch.arange(n, device=self.device).repeat_interleave(q)
+
+    def _draw_without_replacement(self, shape: tuple[int, ...], count: int) -> torch.Tensor:
+        """`count` distinct values of range(shape[-1]) in random order, independently per leading index: the first
+        `count` entries of the permutation that sorts iid uniform noise.
+
+        (`noise.topk(count)` draws from the same distribution ~10x faster on the CPU, 0.2 vs 1.9 ms for 32 x 1100,
+        but picks other tasks for a seed; it is not worth breaking the reproducibility of recorded runs for.)
+        """
+        noise = torch.rand(shape, generator=self.generator, device=self.device)
+        return noise.argsort(dim=-1)[..., :count]
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.preprocess(self._rows.index_select(0, rows))
+
+    def sample(self, tasks: int) -> TaskBatch:
+        tasks = check_count("tasks", tasks, 1)
+        n, k, q = self.ways, self.shots, self.queries
+        classes = self._draw_without_replacement((tasks, self.n_classes), n)  # [T, N]
+        examples = self._draw_without_replacement((tasks, n, self.n_per_class), k + q)  # [T, N, K+Q]
+        if self.rotate:
+            rotations = torch.randint(0, 4, (tasks, n), generator=self.generator, device=self.device)
+        else:
+            rotations = torch.zeros(tasks, n, dtype=torch.int64, device=self.device)
+        rows = (rotations[..., None] * self.n_classes + classes[..., None]) * self.n_per_class + examples
+        support_rows, query_rows = rows[:, :, :k].reshape(-1), rows[:, :, k:].reshape(-1)
+        self.tasks_sampled += tasks
+        return TaskBatch(
+            support_x=self._gather(support_rows).reshape(tasks, n * k, *self.example_shape),
+            support_y=self._support_y.expand(tasks, n * k).contiguous(),
+            query_x=self._gather(query_rows).reshape(tasks, n * q, *self.example_shape),
+            query_y=self._query_y.expand(tasks, n * q).contiguous(),
+            classes=classes,
+            support_index=examples[:, :, :k].reshape(tasks, n * k),
+            query_index=examples[:, :, k:].reshape(tasks, n * q),
+            rotations=rotations,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"TaskSampler({self.n_classes} classes x {self.n_per_class}, {list(self.example_shape)}, ways={self.ways}, "
+            f"shots={self.shots}, queries={self.queries}, rotate={self.rotate}, seed={self.seed}, device={self.device})"
+        )
+
+
+def omniglot_sampler(split_images, ways: int, shots: int, queries: int, rotate: bool = False, seed: int = 0,
+                     device: str | torch.device = "cpu") -> TaskSampler:
+    """A sampler over one Omniglot split (uint8 [n, 20, 28, 28]) with the Omniglot preprocessing 1 - x/255."""
+    return TaskSampler(split_images, ways, shots, queries, rotate=rotate, seed=seed, device=device,
+                       preprocess=invert_uint8)
+
