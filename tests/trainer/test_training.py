@@ -21,7 +21,7 @@ def _cfg(tmp_path, **kw):
 
 
 def test_a_few_meta_iterations_beat_the_untrained_initialization(tmp_path):
-    cfg = _cfg(tmp_path, iterations=40, meta_batch=16, hidden=32, eval_tasks=100, eval_steps=1)
+    cfg = _cfg(tmp_path, iterations=40, meta_batch=16, hidden=32, eval_tasks=100, eval_steps=1, meta_lr=3e-3)
     trainer = Trainer(cfg)
     spec = trainer.spec
     untrained = init_params(spec, torch.Generator().manual_seed(cfg.seed))
