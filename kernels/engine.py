@@ -11,10 +11,14 @@ tolerance stated in tests/kernels.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from models.checkpoint import MetaModel
-from models.maml import AdaptResult, adapt as reference_adapt, predict as reference_predict
+from models.maml import AdaptResult
+from models.maml import adapt as reference_adapt
+from models.maml import predict as reference_predict
 
 BACKENDS = ("auto", "reference", "graph", "triton")
 
@@ -37,12 +41,25 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" else "reference"
     if backend in ("graph",) and device.type != "cuda":
         raise ValueError(f"backend {backend!r} needs a CUDA device, got {device}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend 'triton' needs a CUDA device, got {device}; on the CPU it runs only under the Triton "
+            "interpreter (TRITON_INTERPRET=1, slow: for tests)"
+        )
     return backend
 
 
 def make_backend(name: str, device: torch.device):
     if name == "reference":
         return ReferenceBackend()
+    if name == "graph":
+        from kernels.graph_backend import GraphBackend
+
+        return GraphBackend(device)
+    if name == "triton":
+        from kernels.triton_backend import TritonBackend
+
+        return TritonBackend(device)
     raise NotImplementedError(f"backend {name!r} is not built yet")
 
 
@@ -66,3 +83,13 @@ class Engine:
 
     def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
         return self.backend.predict(model, fast, query_x, support_x, bn_policy)
+
+    def adapt_predict(self, model: MetaModel, support_x, support_y, query_x, steps: int | None = None, lr=None,
+                      track: bool = True, bn_policy=None) -> tuple[AdaptResult, torch.Tensor]:
+        """Adapt and predict in one call (one CUDA-graph replay on the graph and triton backends)."""
+        steps = model.spec.steps if steps is None else steps
+        fused = getattr(self.backend, "adapt_predict", None)
+        if fused is not None:
+            return fused(model, support_x, support_y, query_x, steps=steps, lr=lr, track=track, bn_policy=bn_policy)
+        result = self.adapt(model, support_x, support_y, steps, lr, track)
+        return result, self.predict(model, result.params, query_x, support_x, bn_policy)

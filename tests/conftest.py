@@ -13,7 +13,8 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: on a 2-core box shared with other processes, 2 threads make tiny ops 5-10x slower.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,97 @@
+"""The methods the benchmark runs side by side: ours (the engine's backends) and the peers.
+
+A method turns a `Case` into a zero-argument callable that does one full call (adapt all T tasks K steps, then
+predict their queries) and returns the query logits [T, Q, ways]. `unavailable(device)` says why a method cannot run
+here (missing package, needs CUDA, backend not built); the harness records that reason instead of running it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.bench import peers
+from kernels.bench.configs import Case
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str  # "ours" or "peer"
+    make: Callable[[Case], Callable[[], torch.Tensor]]
+    describe: str
+    check: Callable[[torch.device], str | None] = field(default=lambda device: None)
+    per_task: bool = False  # cost grows one task at a time: the harness predicts its time from smaller T
+
+    def unavailable(self, device: torch.device) -> str | None:
+        try:
+            return self.check(device)
+        except Exception as exc:  # a probe that crashes is itself the reason
+            return f"{type(exc).__name__}: {exc}"
+
+
+def _engine(backend: str, device: torch.device):
+    from kernels.engine import Engine
+
+    return Engine(backend=backend, device=device)
+
+
+def engine_method(backend: str) -> Method:
+    """Engine(backend): the backend's one-call adapt_predict when it has one, else adapt then predict."""
+
+    def check(device: torch.device) -> str | None:
+        if backend != "reference" and device.type != "cuda":
+            if backend == "triton":
+                return "no CUDA: Triton runs only under its interpreter here (TRITON_INTERPRET=1), not a speed path"
+            return f"backend {backend!r} needs CUDA (CUDA graphs)"
+        try:
+            _engine(backend, device)
+        except Exception as exc:
+            return f"Engine(backend={backend!r}) failed: {type(exc).__name__}: {exc}"
+        return None
+
+    def make(case: Case):
+        engine = _engine(backend, case.device)
+        fused = getattr(engine.backend, "adapt_predict", None)
+        model = case.model
+
+        def call():
+            if fused is not None:  # fast weights are returned too (a server keeps them), as adapt + predict would
+                _, logits = fused(model, case.support_x, case.support_y, case.query_x, case.steps, case.lr,
+                                  track=False, bn_policy=case.bn_policy)
+                return logits
+            fast = engine.adapt(model, case.support_x, case.support_y, case.steps, case.lr, track=False)
+            return engine.predict(model, fast.params, case.query_x, case.support_x, case.bn_policy)
+
+        return call
+
+    describe = {
+        "reference": "Engine reference: task-stacked grouped-conv forward, torch autograd, eager",
+        "graph": "Engine graph: the reference captured in a CUDA graph per shape bucket",
+        "triton": "Engine triton: fused Triton kernels",
+    }[backend]
+    return Method(backend, "ours", make, describe, check)
+
+
+def _needs_cuda(device: torch.device) -> str | None:
+    return None if device.type == "cuda" else "needs CUDA (CUDA graph capture)"
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        engine_method("reference"),
+        engine_method("graph"),
+        engine_method("triton"),
+        Method("grouped-graph", "peer", peers.grouped_graph, "grouped conv (tasks in channels) in one CUDA graph",
+               _needs_cuda),
+        Method("vmap", "peer", peers.vmap_tasks, "torch.func: functional_call + grad, vmapped over tasks"),
+        Method("higher", "peer", peers.higher_loop, "higher.innerloop_ctx, one task at a time",
+               lambda device: peers.higher_unavailable(), per_task=True),
+        Method("per-task-loop", "peer", peers.per_task_loop, "learn2learn-style module clone, one task at a time",
+               per_task=True),
+    )
+}
+REFERENCE = "reference"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# GPU meta-training for the bundled models and the paper reproduction, each run capped in wall time.
+# Usage: scripts/gpu_train.sh RESULTS_DIR   (env: PY=python3, FASTADAPT_OMNIGLOT=<folder with the zips>,
+#        T5=seconds for omniglot-5w1s, T20=seconds for omniglot-20w1s, TP=seconds for the paper-split 5w1s run)
+set -u
+R=${1:?results dir}
+PY=${PY:-python3}
+mkdir -p "$R/train" "$R/zoo"
+export FASTADAPT_OMNIGLOT=${FASTADAPT_OMNIGLOT:-.gpu/omniglot}
+export PYTHONUNBUFFERED=1
+common=(--progress false --log-every "${LOG_EVERY:-500}" --val-every 2000 --checkpoint-every 5000 --iterations 60000)
+
+echo "== training throughput (same run: per-task loop vs batched vs CUDA graph)"
+timeout 120 $PY -m trainer.throughput --iters 50 --out "$R/train/throughput" 2>&1 | tee "$R/train/throughput.log"
+timeout 120 $PY -m trainer.throughput --iters 50 --algorithm fomaml --out "$R/train/throughput" 2>&1 \
+  | tee -a "$R/train/throughput.log"
+
+run() {  # name seconds split zoo-file
+  echo "== $1 on the $3 split for ${2}s"
+  timeout $(( $2 + 150 )) $PY -m trainer "$1" "${common[@]}" --max-seconds "$2" --split "$3" \
+    --out-dir "$R/train/$1-$3" ${4:+--zoo "$R/zoo/$4"} 2>&1 | grep --line-buffered -v '^{"config"' | tee "$R/train/$1-$3.log" | tail -12
+}
+run omniglot-5w1s "${T5:-100}" background omniglot-5w1s.pt
+run omniglot-20w1s "${T20:-110}" background omniglot-20w1s.pt
+[ "${TP:-0}" -gt 0 ] && run omniglot-5w1s "$TP" paper ""
+ls -la "$R/zoo"

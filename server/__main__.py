@@ -1,0 +1,57 @@
+"""`python -m server --model-dir models/zoo --host 127.0.0.1 --port 50051 [--device ...] [--backend ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from kernels.engine import BACKENDS
+from server.app import ServerConfig, serve
+from server.batcher import WAIT_POLICIES
+from server.telemetry import configure, get_logger
+from server.validation import Limits
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    d = ServerConfig()
+    p = argparse.ArgumentParser(prog="python -m server", description="fastadapt gRPC inference server")
+    p.add_argument("--model-dir", type=Path, default=d.model_dir, help="folder of *.pt checkpoints")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port, help="0: any free port (see --port-file)")
+    p.add_argument("--port-file", type=Path, help="once serving, write JSON {port, device, backend, models} here")
+    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", default=d.backend, choices=BACKENDS)
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="most tasks per engine call")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="longest a request waits to be batched")
+    p.add_argument("--batch-wait", default=d.batch_wait, choices=WAIT_POLICIES, help="see server/batcher.py")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--cache-bytes", type=int, default=d.cache_bytes, help="adaptation cache budget in bytes")
+    p.add_argument("--cache-ttl-s", type=float, default=d.cache_ttl_s, help="drop adaptations unused this long")
+    p.add_argument("--max-support", type=int, default=d.limits.max_support, help="largest N*K accepted")
+    p.add_argument("--max-queries", type=int, default=d.limits.max_queries, help="largest Q accepted")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port (0 = off)")
+    p.add_argument("--grace-s", type=float, default=d.grace_s, help="how long in-flight RPCs may finish on SIGTERM")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    a = p.parse_args(argv)
+    configure(a.log_level)
+    return ServerConfig(
+        model_dir=a.model_dir, host=a.host, port=a.port, device=a.device, backend=a.backend, max_batch=a.max_batch,
+        max_wait_ms=a.max_wait_ms, batch_wait=a.batch_wait, max_queue=a.max_queue, cache_bytes=a.cache_bytes,
+        cache_ttl_s=a.cache_ttl_s, limits=Limits(max_support=a.max_support, max_queries=a.max_queries),
+        metrics_port=a.metrics_port, grace_s=a.grace_s, port_file=a.port_file,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        return asyncio.run(serve(config))
+    except (OSError, ValueError, NotImplementedError) as exc:  # startup: bad folder, checkpoint, port, backend
+        get_logger().error("startup failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

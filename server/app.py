@@ -1,0 +1,150 @@
+"""Assemble and run the gRPC server: engine, models, batcher, cache, servicer, health, reflection, metrics.
+
+`start(config)` returns a running server (tests run it in-process on a free port); `serve(config)` runs one until
+SIGTERM or SIGINT and then shuts down gracefully: health turns NOT_SERVING, no new RPCs are accepted, in-flight
+RPCs get `grace_s` seconds to finish, queued batches are drained, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kernels.engine import Engine
+from server.batcher import DynamicBatcher
+from server.cache import AdaptationCache
+from server.registry import ModelRegistry
+from server.runner import BatchRunner
+from server.service import FastAdaptService
+from server.status import StatusInterceptor
+from server.telemetry import ServerMetrics, get_logger
+from server.validation import Limits
+from server.wire import MAX_REQUEST_BYTES, SERVICE_NAME, TRANSPORT_LIMIT_BYTES, channel_options, pb_grpc
+
+
+@dataclass
+class ServerConfig:
+    model_dir: Path = Path("models/zoo")
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (see port_file)
+    device: str = "auto"
+    backend: str = "auto"
+    max_batch: int = 256
+    max_wait_ms: float = 1.0
+    batch_wait: str = "adaptive"
+    max_queue: int = 4096
+    cache_bytes: int = 1 << 30
+    cache_ttl_s: float = 600.0
+    limits: Limits = field(default_factory=Limits)
+    metrics_port: int = 0  # 0: off
+    grace_s: float = 30.0
+    port_file: Path | None = None  # written once serving: JSON {port, device, backend, models}
+
+
+@dataclass
+class RunningServer:
+    config: ServerConfig
+    server: grpc.aio.Server
+    port: int
+    engine: Engine
+    registry: ModelRegistry
+    batcher: DynamicBatcher
+    cache: AdaptationCache
+    metrics: ServerMetrics
+    health: health.aio.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace_s = self.config.grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.batcher.close()
+        self.metrics.stop_http()
+
+
+async def start(config: ServerConfig) -> RunningServer:
+    log = get_logger()
+    if config.limits.max_request_bytes > TRANSPORT_LIMIT_BYTES:
+        raise ValueError(
+            f"max_request_bytes={config.limits.max_request_bytes}, expected at most the transport limit "
+            f"{TRANSPORT_LIMIT_BYTES}"
+        )
+    engine = Engine(config.backend, config.device)
+    registry = ModelRegistry.from_dir(config.model_dir, device=engine.device)
+    metrics = ServerMetrics()
+    runner = BatchRunner(engine)
+    batcher = DynamicBatcher(
+        runner,
+        max_batch=config.max_batch,
+        max_wait_s=config.max_wait_ms / 1e3,
+        wait_policy=config.batch_wait,
+        max_queue=config.max_queue,
+        on_batch=lambda key, size: metrics.observe_batch(key[0], size),
+    )
+    cache = AdaptationCache(
+        config.cache_bytes, config.cache_ttl_s, on_evict=lambda why: metrics.cache_evictions.labels(reason=why).inc()
+    )
+    metrics.bind(cache, batcher)
+    service = FastAdaptService(registry, batcher, runner, cache, metrics, config.limits)
+
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor(metrics)],
+        options=[*channel_options(TRANSPORT_LIMIT_BYTES), ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_FastAdaptServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {config.host}:{config.port} (--host/--port): {exc}") from exc
+    await server.start()
+    metrics.start_http(config.metrics_port, config.host)
+    if config.port_file is not None:  # for launchers: where and how the server runs, written once it serves
+        ready = {"port": port, "device": str(engine.device), "backend": engine.backend_name, "models": registry.names()}
+        tmp = Path(f"{config.port_file}.tmp")
+        tmp.write_text(json.dumps(ready) + "\n")
+        os.replace(tmp, config.port_file)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    log.info(
+        "serving",
+        extra={
+            "address": f"{config.host}:{port}",
+            "device": str(engine.device),
+            "backend": engine.backend_name,
+            "models": registry.names(),
+            "max_request_bytes": MAX_REQUEST_BYTES,
+            "transport_limit_bytes": TRANSPORT_LIMIT_BYTES,
+            "config": settings,
+        },
+    )
+    return RunningServer(config, server, port, engine, registry, batcher, cache, metrics, health_servicer)
+
+
+async def serve(config: ServerConfig) -> int:
+    """Serve until SIGTERM / SIGINT, then stop gracefully; returns the process exit code."""
+    log = get_logger()
+    running = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"grace_s": config.grace_s, "queued": running.batcher.queued})
+    await running.stop()
+    log.info("stopped")
+    return 0

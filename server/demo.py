@@ -1,0 +1,171 @@
+"""`make demo`: serve the bundled Omniglot models and classify held-out characters through the wire.
+
+Starts `python -m server` on models/zoo (a fresh, untrained initialization stands in for a missing model, with a
+notice), reads the Omniglot evaluation alphabets (characters never seen in training) from
+${FASTADAPT_OMNIGLOT:-../shared/data/omniglot}/images_evaluation.zip, decodes each PNG, resizes it to 28x28 with
+LANCZOS and sends it as uint8 (the server applies the model's preprocessing). Runs seeded tasks of 5-way 1-shot
+(omniglot-5w1s) and 20-way 1-shot (omniglot-20w1s), each with a fixed number of query images per class, through
+AdaptAndPredict from one client, then prints accuracy with a 95% confidence interval and the round-trip latency
+percentiles per model, and stops the server with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from server.client import FastAdaptClient, load_image
+from server.launch import REPO_ROOT, ServerProcess, prepare_model_dir
+
+DEMO_MODELS = (("omniglot-5w1s", 5, 1), ("omniglot-20w1s", 20, 1))  # (model, ways, shots)
+TRAIN_COMMANDS = {"omniglot-5w1s": "make train-omniglot", "omniglot-20w1s": "make train-omniglot-20w"}
+OMNIGLOT_INPUT = (1, 28, 28)
+_MEMBER = re.compile(r"^images_evaluation/([^/]+)/([^/]+)/[^/]+\.png$")
+
+
+def omniglot_root() -> Path:
+    return Path(os.environ.get("FASTADAPT_OMNIGLOT", REPO_ROOT.parent / "shared" / "data" / "omniglot"))
+
+
+def load_evaluation_characters(root: Path, progress: bool = True) -> dict[str, np.ndarray]:
+    """'alphabet/character' -> uint8 [drawers, 1, 28, 28] for every character of images_evaluation.zip."""
+    path = root / "images_evaluation.zip"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: set FASTADAPT_OMNIGLOT to the folder holding images_evaluation.zip")
+    images = defaultdict(list)
+    with zipfile.ZipFile(path) as archive:
+        members = sorted(m for m in archive.namelist() if _MEMBER.match(m))
+        for member in tqdm(members, desc="decoding Omniglot evaluation PNGs", disable=not progress, unit="img"):
+            alphabet, character = _MEMBER.match(member).groups()
+            images[f"{alphabet}/{character}"].append(load_image(archive.read(member), OMNIGLOT_INPUT))
+    if not images:
+        raise ValueError(f"{path} holds no images_evaluation/ALPHABET/CHARACTER/*.png members")
+    return {name: np.stack(imgs) for name, imgs in sorted(images.items())}
+
+
+def sample_task(characters: dict[str, np.ndarray], names: list[str], rng, ways: int, shots: int, queries: int):
+    """N random characters; K support and `queries` query drawings of each (distinct drawers). Labels 0..N-1."""
+    chosen = rng.choice(len(names), size=ways, replace=False)
+    support_x, support_y, query_x, query_y = [], [], [], []
+    for label, index in enumerate(chosen):
+        drawings = characters[names[index]]
+        order = rng.permutation(len(drawings))[: shots + queries]
+        support_x.append(drawings[order[:shots]])
+        query_x.append(drawings[order[shots:]])
+        support_y += [label] * shots
+        query_y += [label] * queries
+    return np.concatenate(support_x), np.asarray(support_y), np.concatenate(query_x), np.asarray(query_y)
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95% confidence interval (as MAML papers report)."""
+    values = np.asarray(values, dtype=np.float64)
+    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(half)
+
+
+def run_model(client, characters, model, ways, shots, queries, tasks, seed, warmup, progress=True) -> dict:
+    names = list(characters)
+    if ways > len(names):
+        raise ValueError(f"{ways}-way tasks need {ways} characters, the evaluation set has {len(names)}")
+    smallest = min(len(v) for v in characters.values())
+    if shots + queries > smallest:
+        raise ValueError(f"{shots} shots + {queries} queries per class, but some characters have only {smallest}")
+    warm_rng = np.random.default_rng(seed + 10_000)
+    for _ in range(warmup):  # first calls pay one-time costs (allocators, autograd, kernel caches)
+        sx, sy, qx, _ = sample_task(characters, names, warm_rng, ways, shots, queries)
+        client.adapt_and_predict(model, sx, sy, qx, keep=False)
+    rng = np.random.default_rng(seed)
+    accuracies, latencies, server_ms = [], [], []
+    for _ in tqdm(range(tasks), desc=f"{model}: {ways}-way {shots}-shot", disable=not progress, unit="task"):
+        sx, sy, qx, qy = sample_task(characters, names, rng, ways, shots, queries)
+        start = time.perf_counter()
+        adapted, prediction = client.adapt_and_predict(model, sx, sy, qx, keep=False)
+        latencies.append((time.perf_counter() - start) * 1e3)
+        server_ms.append(adapted.timings["total_ms"])
+        accuracies.append(float(np.mean(prediction.labels == qy)))
+    acc, ci = mean_ci95(accuracies)
+    p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
+    return {
+        "model": model, "ways": ways, "shots": shots, "queries_per_class": queries, "tasks": tasks, "seed": seed,
+        "accuracy": acc, "ci95": ci, "latency_ms": {"p50": p50, "p90": p90, "p99": p99},
+        "server_ms_p50": float(np.median(server_ms)), "steps": adapted.steps,
+    }
+
+
+def format_table(rows: list[dict], fresh: list[str]) -> str:
+    lines = [
+        "| model | task | queries | accuracy (95% CI) | AdaptAndPredict p50 / p90 / p99 ms | server p50 ms | weights |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {r['model']} | {r['ways']}-way {r['shots']}-shot, {r['steps']} steps | "
+            f"{r['queries_per_class']}/class | {100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}% | "
+            f"{lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} | {r['server_ms_p50']:.1f} | "
+            f"{'FRESH INIT (untrained)' if r['model'] in fresh else 'bundled'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m server.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "zoo")
+    p.add_argument("--omniglot", type=Path, default=None, help="folder of images_evaluation.zip ($FASTADAPT_OMNIGLOT)")
+    p.add_argument("--tasks", type=int, default=200, help="tasks per model")
+    p.add_argument("--queries-per-class", type=int, default=15, help="query images per class in every task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=3, help="untimed tasks per model before measuring")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    progress = not args.no_progress
+
+    characters = load_evaluation_characters(args.omniglot or omniglot_root(), progress)
+    print(f"Omniglot evaluation set: {len(characters)} held-out characters, "
+          f"{sum(len(v) for v in characters.values())} drawings, resized to 28x28 (LANCZOS), sent as uint8")
+    with tempfile.TemporaryDirectory(prefix="fastadapt-demo-") as scratch:
+        model_dir, fresh = prepare_model_dir(args.model_dir, [m for m, _, _ in DEMO_MODELS], Path(scratch) / "models")
+        for name in fresh:
+            print(f"NOTICE: {args.model_dir} has no checkpoint for {name}: serving a FRESH, UNTRAINED initialization "
+                  f"instead. Its accuracy says nothing about MAML; train one with `{TRAIN_COMMANDS[name]}`.")
+        server_args = ["--device", args.device, "--backend", args.backend, "--log-level", "warning"]
+        with ServerProcess(model_dir, *server_args, log_path=Path(scratch) / "server.log") as server:
+            print(f"server up at {server.address}: device {server.info['device']}, backend {server.info['backend']}")
+            rows = []
+            with FastAdaptClient(server.address, timeout=120) as client:
+                served = {m["name"]: m for m in client.list_models()}
+                for model, ways, shots in DEMO_MODELS:
+                    info = served[model]
+                    print(f"{model}: {info['arch']}, {info['ways']}-way, {info['default_steps']} steps at lr "
+                          f"{info['default_inner_lr']:g}, batch norm '{info['bn_policy']}'")
+                    rows.append(run_model(client, characters, model, ways, shots, args.queries_per_class,
+                                          args.tasks, args.seed, args.warmup, progress))
+            code = server.stop()
+    print()
+    print(f"{args.tasks} seeded tasks per model (seed {args.seed}), {args.queries_per_class} query images per class, "
+          "one client, AdaptAndPredict round trips over loopback gRPC:")
+    print(format_table(rows, fresh))
+    print(f"server stopped with SIGTERM, exit code {code}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"results": rows, "fresh_init": fresh, "server_exit_code": code}, indent=2))
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

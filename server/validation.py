@@ -1,0 +1,117 @@
+"""Request validation: decode the wire tensors and check them against the model before any work is queued.
+
+Every refusal is an InvalidArgument whose message names the field, the value and what was expected, e.g.
+`support_x has shape [5, 28, 28], expected [N*K, 1, 28, 28] for model omniglot-5w1s`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.checkpoint import MetaModel
+from server.status import InvalidArgument
+from server.wire import MAX_REQUEST_BYTES, TensorFormatError, decode
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_steps: int = 100
+    max_support: int = 1000  # N*K rows
+    max_queries: int = 1000  # Q rows
+    max_request_bytes: int = MAX_REQUEST_BYTES
+
+
+def check_request_size(request, rpc: str, limits: Limits) -> None:
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise InvalidArgument(
+            f"the {rpc} request is {size} bytes, expected at most {limits.max_request_bytes} bytes "
+            "(sized for a 20-way 5-shot 84x84 RGB task with 300 float32 queries); split the query set"
+        )
+
+
+def _shape_text(rows: str, model: MetaModel) -> str:
+    return "[" + ", ".join([rows, *map(str, model.spec.input_shape)]) + "]"
+
+
+def images(message, field: str, path: str, model: MetaModel, rows: str, max_rows: int) -> np.ndarray:
+    """Decode `message.<field>` as [rows, *input_shape] images; `path` is the field's full name in messages."""
+    expected = _shape_text(rows, model)
+    if not message.HasField(field):
+        raise InvalidArgument(f"{path} is missing, expected a Tensor {expected} of UINT8, FLOAT16 or FLOAT32")
+    try:
+        array = decode(getattr(message, field), path)
+    except TensorFormatError as exc:
+        raise InvalidArgument(str(exc)) from None
+    shape = model.spec.input_shape
+    if array.ndim != 1 + len(shape) or tuple(array.shape[1:]) != shape:
+        raise InvalidArgument(f"{path} has shape {list(array.shape)}, expected {expected} for model {model.name}")
+    n = array.shape[0]
+    if not 1 <= n <= max_rows:
+        raise InvalidArgument(f"{path} has {n} rows ({rows}), expected 1 to {max_rows} for model {model.name}")
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = np.flatnonzero(~finite.reshape(-1))
+            raise InvalidArgument(
+                f"{path} holds {bad.size} non-finite values (NaN or Inf), the first at flat index {bad[0]} = "
+                f"{array.reshape(-1)[bad[0]]}; expected finite preprocessed input"
+            )
+    return array
+
+
+def support_set(request, path: str, model: MetaModel, limits: Limits) -> tuple[np.ndarray, np.ndarray]:
+    """The AdaptRequest's support set: images [N*K, ...] and int64 labels [N*K] covering every class."""
+    x = images(request, "support_x", f"{path}support_x", model, "N*K", limits.max_support)
+    ways = model.spec.ways
+    y = np.asarray(request.support_y, dtype=np.int64)
+    if y.shape[0] != x.shape[0]:
+        raise InvalidArgument(
+            f"{path}support_y has {y.shape[0]} labels, expected {x.shape[0]} (one per {path}support_x row)"
+        )
+    outside = np.flatnonzero((y < 0) | (y >= ways))
+    if outside.size:
+        i = outside[0]
+        raise InvalidArgument(
+            f"{path}support_y[{i}] = {y[i]}, expected a class index in [0, {ways}) for model {model.name} "
+            f"({ways}-way)"
+        )
+    counts = np.bincount(y, minlength=ways)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise InvalidArgument(
+            f"{path}support_y has no example of class(es) {empty.tolist()}; model {model.name} is {ways}-way and "
+            f"every class in [0, {ways}) needs at least one support example"
+        )
+    return x, y
+
+
+def steps(request, path: str, model: MetaModel, limits: Limits) -> int:
+    value = request.steps
+    if not 0 <= value <= limits.max_steps:
+        raise InvalidArgument(
+            f"{path}steps = {value}, expected 0 (the model's default, {model.spec.steps}) to {limits.max_steps}"
+        )
+    return value or model.spec.steps
+
+
+def inner_lr(request, path: str, model: MetaModel) -> float | None:
+    """The requested rate, or None for the model's default (0 on the wire)."""
+    value = request.inner_lr
+    if value == 0:
+        return None
+    if not math.isfinite(value) or value < 0:
+        default = "its learned Meta-SGD rates" if model.inner_lrs is not None else f"{model.spec.inner_lr:g}"
+        raise InvalidArgument(
+            f"{path}inner_lr = {value}, expected a positive finite number (or 0 for the model's default, {default})"
+        )
+    return float(value)
+
+
+def adaptation_id(request) -> str:
+    if not request.adaptation_id:
+        raise InvalidArgument("adaptation_id is empty, expected an id returned by Adapt or AdaptAndPredict")
+    return request.adaptation_id

@@ -1,0 +1,193 @@
+"""The benchmark harness (never timed here): it runs, writes its files, cross-checks, and records what it cannot run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.bench import CONFIGS, METHODS, BenchSettings, Method, peers, run_bench
+from kernels.bench.__main__ import main
+from kernels.bench.configs import make_case, make_model
+from kernels.bench.flops import PEAK_FP32_TFLOPS, adapt_predict_flops, forward_flops, peak_for
+from kernels.bench.harness import cross_check
+from models.maml import adapt, predict
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"tiny": [1, 2]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: one thread is as fast, and two threads on a loaded 2-core box wait on each other (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quick(**kw) -> BenchSettings:
+    base = dict(matrix=TINY, methods=["reference", "per-task-loop"], device="cpu", repeats=1, warmup=1,
+                budget_s=None, progress=False)
+    return BenchSettings(**{**base, **kw})
+
+
+def by_method(data: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in data["results"]:
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def test_tiny_matrix_on_cpu_writes_files_and_cross_checks(tmp_path):
+    data = run_bench(quick(), tmp_path)
+    name = data["device"]["name"]
+    assert name.startswith("CPU")
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"bench.json", "bench.md", "bench_tiny.png"} <= files
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["device"]["name"] == name and saved["summary"]["device"] == name
+    md = (tmp_path / "bench.md").read_text()
+    assert name in md and "per-task-loop (peer)" in md and "reference vs per-task loop" in md
+    assert (tmp_path / "bench_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = by_method(saved)
+    assert [r["tasks"] for r in results["per-task-loop"]] == [1, 2]
+    for r in results["reference"] + results["per-task-loop"]:
+        assert r["status"] == "ok", r
+        assert r["ms_per_call"] > 0 and r["tasks_per_s"] == pytest.approx(r["tasks"] * 1e3 / r["ms_per_call"])
+    assert all(r["crosscheck"]["status"] == "oracle" for r in results["reference"])
+    assert all(r["crosscheck"]["status"] == "pass" for r in results["per-task-loop"])
+    ratios = saved["summary"]["reference_vs_per_task_loop"]
+    assert [r["tasks"] for r in ratios] == [1, 2]
+
+
+def _wrong_lr(case):
+    """A per-task loop with a 1% larger inner lr: a subtly wrong function the cross-check must catch."""
+    return peers.per_task_loop(replace(case, config=replace(case.config, lr=case.lr * 1.01)))
+
+
+def _broken(case):
+    def call():
+        raise IndexError(f"index 7 is out of bounds for {case.tasks} tasks")
+
+    return call
+
+
+def test_wrong_failing_and_unavailable_methods_are_recorded_not_raised(tmp_path):
+    methods = [
+        METHODS["reference"],
+        METHODS["per-task-loop"],
+        Method("wrong-lr", "peer", _wrong_lr, "per-task loop, lr x 1.01"),
+        Method("broken", "peer", _broken, "raises"),
+        Method("absent", "peer", _broken, "never runs", check=lambda device: "package absent-lib is not installed"),
+    ]
+    data = run_bench(quick(), tmp_path, methods=methods)
+    results = by_method(data)
+    assert all(r["crosscheck"]["status"] == "fail" for r in results["wrong-lr"])
+    assert all(r["status"] == "failed" and "IndexError: index 7" in r["error"] for r in results["broken"])
+    assert all(r["status"] == "unavailable" and "absent-lib" in r["error"] for r in results["absent"])
+    for r in results["reference"]:  # a peer that fails the cross-check is never the "best peer"
+        assert r["best_peer"] == "per-task-loop"
+    verdicts = {v["method"]: v["verdict"] for v in data["summary"]["verdicts"]}
+    assert verdicts == {"per-task-loop": "pass", "wrong-lr": "fail"}
+    md = (tmp_path / "bench.md").read_text()
+    assert "IndexError: index 7" in md and "absent-lib" in md
+
+
+def test_cross_check_statuses():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(8, 5, 3, generator=g)
+    assert cross_check(ref.clone(), ref)["status"] == "pass"
+    one_task_moved = ref.clone()
+    one_task_moved[3] += 1e-2
+    got = cross_check(one_task_moved, ref)
+    assert got["status"] == "rounding" and got["tasks_within"] == "7/8"
+    assert cross_check(one_task_moved, ref, min_fraction=1.0)["status"] == "fail"
+    assert cross_check(ref + 1e-3, ref)["status"] == "fail"
+    nan = ref.clone()
+    nan[0, 0, 0] = float("nan")
+    assert cross_check(nan, ref)["status"] == "fail"
+    assert "shape" in cross_check(ref[:, :4], ref)["note"]
+    assert cross_check(ref, None, ref_note="the reference was failed")["status"] == "n/a"
+
+
+def test_peers_compute_the_reference_function():
+    config = CONFIGS["tiny"]
+    device = torch.device("cpu")
+    case = make_case(config, make_model(config, device), 3, device)
+    fast = adapt(case.spec, case.model.params, case.support_x, case.support_y, case.steps, case.lr).params
+    for policy in ("support", "transductive"):
+        case.spec = case.spec.with_(bn_policy=policy)
+        want = predict(case.spec, fast, case.query_x, case.support_x, policy)
+        makers = [peers.per_task_loop, peers.vmap_tasks, lambda c: peers.grouped_graph(c, capture=False)]
+        if peers.higher_unavailable() is None:
+            makers.append(peers.higher_loop)
+        for make in makers:
+            got = make(case)()
+            assert cross_check(got, want)["status"] == "pass", (make, policy)
+
+
+def test_analytic_flops_match_a_hook_count():
+    """The analytic count against the MACs the peer module actually performs (forward hooks on its layers)."""
+    for name in ("omniglot-5w1s", "miniimagenet-5w1s"):
+        spec = CONFIGS[name].spec().with_(hidden=4)
+        module, macs = peers.Conv4(spec), []
+
+        def hook(mod, inp, out, macs=macs):
+            macs.append(out.numel() * mod.weight[0].numel())  # each output: one MAC per weight of its filter
+
+        for mod in module.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                mod.register_forward_hook(hook)
+        module(torch.rand(3, *spec.input_shape))
+        assert forward_flops(spec, 3) == 2 * sum(macs)
+        # One step = forward + backward (2x forward minus the first layer's input gradient).
+        steps_only = adapt_predict_flops(spec, 3, 0, 1, "transductive") - forward_flops(spec, 0)
+        assert steps_only == 3 * forward_flops(spec, 3) - 2 * macs[0]
+
+
+def test_peak_table_resolves_every_device_to_its_own_entry():
+    for key, peak, _ in PEAK_FP32_TFLOPS:
+        assert peak_for(f"NVIDIA {key} 80GB")[0] == peak, key  # no generic key shadows a more specific one
+    assert peak_for("Some Unknown Accelerator") is None
+
+
+def test_time_limits_skip_and_record(tmp_path):
+    data = run_bench(quick(max_call_s=1e-9), tmp_path / "cap")
+    r2 = [r for r in data["results"] if r["tasks"] == 2]
+    assert all(r["status"] == "skipped" and "max_call_s" in r["error"] for r in r2)
+    data = run_bench(quick(budget_s=1e-9), tmp_path / "budget")
+    assert all(r["status"] == "skipped" and "budget" in r["error"] for r in data["results"])
+
+
+def test_cli_and_replot(tmp_path):
+    argv = ["--out", str(tmp_path), "--matrix", "tiny", "--tasks", "1", "--methods", "reference,vmap",
+            "--repeats", "1", "--warmup", "1", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    (tmp_path / "bench.md").unlink()
+    (tmp_path / "bench_tiny.png").unlink()
+    assert main(["--out", str(tmp_path), "--replot"]) == 0
+    assert (tmp_path / "bench.md").exists() and (tmp_path / "bench_tiny.png").exists()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--methods", "reference,lightning"])
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_script_parses():
+    proc = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.gpu
+def test_tiny_matrix_on_cuda_every_method_cross_checks(tmp_path):
+    names = ["reference", "graph", "grouped-graph", "vmap", "per-task-loop"]
+    data = run_bench(quick(methods=names, device="cuda", repeats=2), tmp_path)
+    for r in data["results"]:
+        assert r["status"] == "ok", r
+        assert r["crosscheck"]["status"] in ("oracle", "pass"), r
+        assert r["peak_mem_mb"] > 0

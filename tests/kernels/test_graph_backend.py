@@ -1,0 +1,199 @@
+"""The `graph` backend: bucketing and static-buffer logic on the CPU (eager stand-in for replay), equality with the
+reference under real CUDA graphs on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.engine import Engine
+from kernels.graph_backend import GraphBackend, bucket_key
+from models.checkpoint import MetaModel
+from models.functional import init_params
+from models.maml import adapt, predict
+from models.spec import ModelSpec
+
+SPEC = ModelSpec("tiny-omniglot", "conv4-omniglot", ways=3, inner_lr=0.4, steps=2, hidden=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: one thread is as fast, and two threads on a loaded 2-core box wait on each other (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(seed=0, spec=SPEC, device="cpu") -> MetaModel:
+    return MetaModel(spec, init_params(spec, torch.Generator().manual_seed(seed))).to(device)
+
+
+def make_tasks(tasks, shots=1, queries=4, seed=0, spec=SPEC, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    n = spec.ways * shots
+    sx = torch.rand(tasks, n, *spec.input_shape, generator=g)
+    sy = torch.stack([torch.randperm(n, generator=g) % spec.ways for _ in range(tasks)])
+    qx = torch.rand(tasks, queries, *spec.input_shape, generator=g)
+    return sx.to(device), sy.to(device), qx.to(device)
+
+
+def assert_matches_reference(res, logits, model, sx, sy, qx, steps, lr, atol=1e-6):
+    ref = adapt(model.spec, model.params, sx, sy, steps, lr, track=True)
+    for k, v in ref.params.items():
+        torch.testing.assert_close(res.params[k], v, atol=atol, rtol=atol, msg=f"fast weight {k}")
+    torch.testing.assert_close(res.support_loss, ref.support_loss, atol=atol, rtol=atol)
+    torch.testing.assert_close(res.support_accuracy, ref.support_accuracy)
+    if logits is not None:
+        torch.testing.assert_close(logits, predict(model.spec, ref.params, qx, sx), atol=atol, rtol=atol)
+
+
+# -- bucketing (CPU) ------------------------------------------------------------------------------------------------
+def test_bucket_key_depends_on_shapes_steps_lr_type_not_values():
+    base = bucket_key("adapt", SPEC, 4, 3, 0, 2, 0.4, True)
+    assert bucket_key("adapt", SPEC, 4, 3, 0, 2, 0.1, True) == base  # another lr value: same graph
+    assert bucket_key("adapt", SPEC.with_(name="other", inner_lr=0.9), 4, 3, 0, 2, 0.4, True) == base
+    lr_dict = {"head.bias": torch.zeros(3)}
+    variants = [
+        bucket_key("adapt", SPEC, 5, 3, 0, 2, 0.4, True),
+        bucket_key("adapt", SPEC, 4, 6, 0, 2, 0.4, True),
+        bucket_key("adapt", SPEC, 4, 3, 0, 3, 0.4, True),
+        bucket_key("adapt", SPEC, 4, 3, 0, 2, lr_dict, True),
+        bucket_key("adapt", SPEC, 4, 3, 0, 2, 0.4, False),
+        bucket_key("adapt", SPEC.with_(hidden=8), 4, 3, 0, 2, 0.4, True),
+        bucket_key("adapt_predict", SPEC, 4, 3, 7, 2, 0.4, True, "support"),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+
+
+def test_lr_of_another_type_is_refused():
+    with pytest.raises(TypeError, match="inner lr is str"):
+        bucket_key("adapt", SPEC, 1, 3, 0, 1, "0.4")
+
+
+def test_eager_buckets_match_reference_and_results_survive_the_next_call():
+    backend, model = GraphBackend("cpu", capture=False), make_model()
+    sx1, sy1, qx1 = make_tasks(2, seed=1)
+    sx2, sy2, qx2 = make_tasks(2, seed=2)
+    r1, l1 = backend.adapt_predict(model, sx1, sy1, qx1, 2, 0.4)
+    r2, l2 = backend.adapt_predict(model, sx2, sy2, qx2, 2, 0.4)
+    assert backend.captures == 1  # same bucket, replayed
+    assert_matches_reference(r1, l1, model, sx1, sy1, qx1, 2, 0.4)  # not overwritten by the second replay
+    assert_matches_reference(r2, l2, model, sx2, sy2, qx2, 2, 0.4)
+    r3, l3 = backend.adapt_predict(model, sx1, sy1, qx1)  # steps and lr: the model's defaults
+    assert_matches_reference(r3, l3, model, sx1, sy1, qx1, SPEC.steps, SPEC.inner_lr)
+
+
+def test_adapt_then_predict_match_reference_under_both_bn_policies():
+    backend, model = GraphBackend("cpu", capture=False), make_model()
+    sx, sy, qx = make_tasks(3, shots=2, queries=5)
+    res = backend.adapt(model, sx, sy, 3, 0.4, True)
+    assert_matches_reference(res, None, model, sx, sy, qx, 3, 0.4)
+    for policy in ("support", "transductive"):
+        want = predict(SPEC, res.params, qx, sx, policy)
+        torch.testing.assert_close(backend.predict(model, res.params, qx, sx, policy), want, atol=1e-6, rtol=1e-6)
+    assert backend.captures == 3  # adapt, predict/support, predict/transductive
+
+
+def test_new_lr_value_reuses_the_bucket_and_is_applied():
+    backend, model = GraphBackend("cpu", capture=False), make_model()
+    sx, sy, qx = make_tasks(2)
+    backend.adapt(model, sx, sy, 2, 0.4, True)
+    res = backend.adapt(model, sx, sy, 2, 0.05, True)
+    assert backend.captures == 1
+    assert_matches_reference(res, None, model, sx, sy, qx, 2, 0.05)
+
+
+def test_meta_sgd_rates_are_their_own_bucket():
+    backend, model = GraphBackend("cpu", capture=False), make_model()
+    sx, sy, qx = make_tasks(2)
+    g = torch.Generator().manual_seed(3)
+    lrs = {k: torch.rand(v.shape, generator=g) * 0.5 for k, v in model.params.items()}
+    backend.adapt(model, sx, sy, 2, 0.4, True)
+    res = backend.adapt(model, sx, sy, 2, lrs, True)
+    assert backend.captures == 2
+    assert_matches_reference(res, None, model, sx, sy, qx, 2, lrs)
+
+
+def test_changed_or_other_meta_parameters_are_copied_in():
+    backend, model = GraphBackend("cpu", capture=False), make_model(seed=0)
+    sx, sy, qx = make_tasks(2)
+    backend.adapt(model, sx, sy, 2, 0.4, True)
+    with torch.no_grad():
+        model.params["head.weight"].add_(0.5)  # in place: same tensor object, new version
+    assert_matches_reference(backend.adapt(model, sx, sy, 2, 0.4, True), None, model, sx, sy, qx, 2, 0.4)
+    other = make_model(seed=1)  # same architecture: same bucket, its own weights
+    assert_matches_reference(backend.adapt(other, sx, sy, 2, 0.4, True), None, other, sx, sy, qx, 2, 0.4)
+    assert backend.captures == 1
+
+
+def test_least_recently_used_bucket_is_evicted():
+    backend, model = GraphBackend("cpu", capture=False, max_buckets=2), make_model()
+    batches = {t: make_tasks(t) for t in (1, 2, 3)}
+    for t in (1, 2, 1, 3):  # T=2 is the least recently used when T=3 arrives
+        backend.adapt(model, batches[t][0], batches[t][1], 1, 0.4, False)
+    assert sorted(k.tasks for k in backend.buckets) == [1, 3]
+    assert backend.captures == 3
+
+
+def test_bad_inputs_are_refused_with_the_shape_expected():
+    backend, model = GraphBackend("cpu", capture=False), make_model()
+    sx, sy, qx = make_tasks(2)
+    with pytest.raises(ValueError, match=r"support_x has shape \[2, 3, 28, 28\], expected \[\*, \*, 1, 28, 28\]"):
+        backend.adapt(model, sx[:, :, 0], sy, 1, 0.4, False)
+    with pytest.raises(ValueError, match="support_y has dtype torch.float32, expected torch.int64"):
+        backend.adapt(model, sx, sy.float(), 1, 0.4, False)
+    with pytest.raises(ValueError, match=r"query_x has shape \[3, 4, 1, 28, 28\], expected \[2, "):
+        backend.adapt_predict(model, sx, sy, torch.cat([qx, qx[:1]]), 1, 0.4)
+    with pytest.raises(ValueError, match="steps=-1, expected >= 0"):
+        backend.adapt(model, sx, sy, -1, 0.4, False)
+
+
+def test_parameters_that_require_grad_are_refused():
+    backend, model = GraphBackend("cpu", capture=False), make_model()
+    sx, sy, _ = make_tasks(1)
+    model.params["head.bias"].requires_grad_(True)
+    with pytest.raises(ValueError, match="use backend 'reference'"):
+        backend.adapt(model, sx, sy, 1, 0.4, False)
+
+
+def test_capture_without_cuda_is_refused():
+    with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
+        GraphBackend("cpu", capture=True)
+
+
+# -- real CUDA graphs -------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [SPEC, ModelSpec("mini", "conv4-miniimagenet", ways=5, inner_lr=0.01, steps=3,
+                                                  hidden=8)], ids=lambda s: s.arch)
+def test_graph_engine_matches_reference_on_cuda(spec):
+    model = make_model(spec=spec, device="cuda")
+    graph, ref = Engine("graph", "cuda"), Engine("reference", "cuda")
+    for seed in (1, 2):  # the second call replays
+        sx, sy, qx = make_tasks(3, shots=2, queries=5, seed=seed, spec=spec, device="cuda")
+        got, want = graph.adapt(model, sx, sy, 3), ref.adapt(model, sx, sy, 3)
+        for k in want.params:
+            torch.testing.assert_close(got.params[k], want.params[k], atol=1e-5, rtol=1e-5, msg=k)
+        torch.testing.assert_close(got.support_loss, want.support_loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.support_accuracy, want.support_accuracy)
+        for policy in ("support", "transductive"):
+            torch.testing.assert_close(graph.predict(model, got.params, qx, sx, policy),
+                                       ref.predict(model, want.params, qx, sx, policy), atol=1e-4, rtol=1e-4)
+        _, logits = graph.backend.adapt_predict(model, sx, sy, qx, 3, spec.inner_lr, keep_fast=False)
+        torch.testing.assert_close(logits, ref.predict(model, want.params, qx, sx), atol=1e-4, rtol=1e-4)
+    assert graph.backend.captures == 4  # adapt, predict x 2 policies, adapt_predict: built once, replayed after
+    assert all(b.graph is not None for b in graph.backend.buckets.values())
+
+
+@pytest.mark.gpu
+def test_graph_replay_tracks_new_lr_and_meta_sgd_on_cuda():
+    model = make_model(device="cuda")
+    backend = Engine("graph", "cuda").backend
+    sx, sy, qx = make_tasks(4, seed=5, device="cuda")
+    lrs = {k: torch.full_like(v, 0.2) for k, v in model.params.items()}
+    for lr in (0.4, 0.1, lrs):
+        got = backend.adapt(model, sx, sy, 2, lr, True)
+        want = adapt(SPEC, model.params, sx, sy, 2, lr, track=True)
+        for k in want.params:
+            torch.testing.assert_close(got.params[k], want.params[k], atol=1e-5, rtol=1e-5, msg=f"{k}, lr {lr}")
+    assert backend.captures == 2  # scalar lr (two values) and Meta-SGD rates

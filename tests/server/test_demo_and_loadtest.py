@@ -1,0 +1,66 @@
+"""`make demo` and `make loadtest` end to end, shortened (a real server subprocess, fresh models)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from server import demo, loadtest
+
+
+def test_task_sampler_uses_distinct_drawings_and_covers_every_class():
+    characters = {}
+    for c in range(30):  # pixel [0, 0, 0] says the character, pixel [0, 0, 1] the drawer
+        drawings = np.zeros((20, 1, 28, 28), np.uint8)
+        drawings[:, 0, 0, 0], drawings[:, 0, 0, 1] = c, np.arange(20)
+        characters[f"a/c{c}"] = drawings
+    rng = np.random.default_rng(0)
+    sx, sy, qx, qy = demo.sample_task(characters, list(characters), rng, ways=5, shots=2, queries=3)
+    assert sx.shape == (10, 1, 28, 28) and qx.shape == (15, 1, 28, 28)
+    assert sorted(sy.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and sorted(qy.tolist()) == sorted(list(range(5)) * 3)
+    chosen = set()
+    for label in range(5):
+        drawings = np.concatenate([sx[sy == label], qx[qy == label]])
+        assert len(set(drawings[:, 0, 0, 0].tolist())) == 1, "a label must be one character"
+        assert len(set(drawings[:, 0, 0, 1].tolist())) == 5, "support and query drawings must be distinct"
+        chosen.add(int(drawings[0, 0, 0, 0]))
+    assert len(chosen) == 5, "every label must be another character"
+
+
+def test_mean_ci95():
+    mean, half = demo.mean_ci95([0.0, 1.0] * 50)
+    assert mean == 0.5 and abs(half - 1.96 * np.std([0.0, 1.0] * 50, ddof=1) / 10) < 1e-12
+
+
+def test_demo_runs_end_to_end_on_fresh_models(tmp_path, omniglot_root, monkeypatch, capsys):
+    monkeypatch.setenv("FASTADAPT_OMNIGLOT", str(omniglot_root))
+    empty = tmp_path / "zoo"
+    empty.mkdir()
+    out = tmp_path / "demo.json"
+    code = demo.main(["--model-dir", str(empty), "--tasks", "4", "--warmup", "1", "--queries-per-class", "2",
+                      "--no-progress", "--device", "cpu", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "NOTICE" in text and "FRESH, UNTRAINED" in text and "exit code 0" in text
+    result = json.loads(out.read_text())
+    assert result["fresh_init"] == ["omniglot-5w1s", "omniglot-20w1s"] and result["server_exit_code"] == 0
+    assert [r["model"] for r in result["results"]] == ["omniglot-5w1s", "omniglot-20w1s"]
+    for r in result["results"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["tasks"] == 4
+        assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
+
+
+def test_loadtest_writes_table_and_json(tmp_path, capsys):
+    empty = tmp_path / "zoo"
+    empty.mkdir()
+    out = tmp_path / "lt"
+    code = loadtest.main(["--out", str(out), "--model-dir", str(empty), "--concurrency", "1", "4", "--duration",
+                          "0.5", "--warmup", "0.3", "--min-requests", "4", "--steps", "1", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().out
+    data = json.loads((out / "loadtest.json").read_text())
+    assert [level["clients"] for level in data["levels"]] == [1, 4]
+    assert all(level["requests"] >= 4 and level["errors"] == 0 for level in data["levels"])
+    assert data["meta"]["fresh_init"] and data["meta"]["server_exit_code"] == 0
+    table = (out / "loadtest.md").read_text()
+    assert "| clients | requests | errors | requests/s | p50 ms |" in table and "\n| 4 | " in table

@@ -1,0 +1,108 @@
+"""server.runner: a task's result does not depend on which other tasks share its engine call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.engine import Engine
+from models.checkpoint import MetaModel
+from models.functional import init_params
+from models.maml import adapt, predict
+from models.preprocess import preprocess_uint8
+from server.runner import AdaptJob, BatchRunner, PredictJob
+from tests.server.conftest import TINY_SPECS, random_task
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return BatchRunner(Engine("reference", "cpu"))
+
+
+def model_for(name: str) -> MetaModel:
+    spec = TINY_SPECS[name]
+    return MetaModel(spec, init_params(spec, torch.Generator().manual_seed(1)))
+
+
+def jobs_for(model: MetaModel, count: int, queries=(3,), dtypes=(np.uint8,)) -> list[AdaptJob]:
+    jobs = []
+    for i in range(count):
+        dtype = dtypes[i % len(dtypes)]
+        sx, sy, qx = random_task(model.spec, queries=queries[i % len(queries)], seed=i, dtype=dtype)
+        jobs.append(AdaptJob(model, sx, sy, steps=2, lr=None, query_x=qx))
+    return jobs
+
+
+@pytest.mark.parametrize("name", ["tiny-5w", "tiny-5w-td"])
+def test_batched_tasks_equal_tasks_run_alone(runner, name):
+    model = model_for(name)
+    jobs = jobs_for(model, 4, queries=(3, 5), dtypes=(np.uint8, np.float32, np.float16))
+    together = runner.adapt(jobs)
+    for job, shared in zip(jobs, together):
+        (alone,) = runner.adapt([job])
+        np.testing.assert_allclose(shared.support_loss, alone.support_loss, **TOL)
+        np.testing.assert_allclose(shared.support_accuracy, alone.support_accuracy, **TOL)
+        np.testing.assert_allclose(shared.logits, alone.logits, **TOL)
+        for k in alone.params:
+            torch.testing.assert_close(shared.params[k], alone.params[k], **TOL)
+
+
+def test_results_match_the_reference_inner_loop(runner):
+    model = model_for("tiny-5w")
+    (job,) = jobs_for(model, 1)
+    (out,) = runner.adapt([job])
+    x = preprocess_uint8(model.spec, torch.from_numpy(job.support_x.copy()))[None]
+    q = preprocess_uint8(model.spec, torch.from_numpy(job.query_x.copy()))[None]
+    ref = adapt(model.spec, model.params, x, torch.from_numpy(job.support_y)[None], 2, model.spec.inner_lr, track=True)
+    np.testing.assert_allclose(out.support_loss, ref.support_loss[:, 0].numpy(), **TOL)
+    np.testing.assert_allclose(out.logits, predict(model.spec, ref.params, q, x)[0].numpy(), **TOL)
+    torch.testing.assert_close(out.support_x, x[0])
+
+
+def test_cached_predict_batches_equal_alone_and_match_adapt_and_predict(runner):
+    model = model_for("tiny-5w")
+    jobs = jobs_for(model, 4)
+    adapted = runner.adapt(jobs)
+    predict_jobs = [PredictJob(model, a.params, a.support_x, j.query_x) for a, j in zip(adapted, jobs)]
+    together = runner.predict(predict_jobs)
+    for pj, shared, a in zip(predict_jobs, together, adapted):
+        (alone,) = runner.predict([pj])
+        np.testing.assert_allclose(shared.logits, alone.logits, **TOL)
+        np.testing.assert_allclose(shared.logits, a.logits, **TOL)
+
+
+def test_skip_cache_keeps_nothing(runner):
+    model = model_for("tiny-5w")
+    (job,) = jobs_for(model, 1)
+    job.keep = False
+    (out,) = runner.adapt([job])
+    assert out.params is None and out.support_x is None and out.logits is not None
+
+
+class FusedEngine(Engine):
+    """An engine that offers adapt_predict (as the GPU backends do), built here from adapt + predict."""
+
+    def __init__(self):
+        super().__init__("reference", "cpu")
+        self.fused_calls = 0
+
+    def adapt_predict(self, model, support_x, support_y, query_x, steps=None, lr=None, track=True, bn_policy=None):
+        self.fused_calls += 1
+        result = self.adapt(model, support_x, support_y, steps, lr, track)
+        return result, self.predict(model, result.params, query_x, support_x, bn_policy)
+
+
+def test_fused_adapt_predict_is_used_when_every_task_has_the_same_queries(runner):
+    model = model_for("tiny-5w")
+    fused = BatchRunner(FusedEngine())
+    same_q = jobs_for(model, 3, queries=(4,))
+    for a, b in zip(fused.adapt(same_q), runner.adapt(same_q)):
+        np.testing.assert_allclose(a.logits, b.logits, **TOL)
+        np.testing.assert_allclose(a.support_loss, b.support_loss, **TOL)
+        assert a.predict_s == 0.0  # all time is reported as adapt time on the fused path
+    assert fused.engine.fused_calls == 1
+    fused.adapt(jobs_for(model, 3, queries=(4, 5)))  # mixed query counts: adapt, then one predict per Q
+    assert fused.engine.fused_calls == 1
