@@ -104,7 +104,10 @@ def _conv_bn_relu(h, w, b, gamma, beta, stride, stat_rows):
         h = F.batch_norm(h, None, None, gamma.reshape(-1), beta.reshape(-1), training=True, eps=BN_EPS)
     else:
         mean, var = _batch_stats(h, (0, 2, 3), stat_rows)
-        h = (h - mean) * torch.rsqrt(var + BN_EPS) * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
+        if torch.is_grad_enabled():
+            h = (h - mean) * torch.rsqrt(var + BN_EPS) * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
+        else:  # serving predict: the library's fused inference-mode normalization with the support statistics
+            h = F.batch_norm(h, mean.flatten(), var.flatten(), gamma.reshape(-1), beta.reshape(-1), eps=BN_EPS)
     return F.relu(h)
 
 

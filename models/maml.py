@@ -78,12 +78,20 @@ def adapt(
                 if not spec.is_regression:
                     accs.append(task_accuracy(out.detach(), support_y))
             grads = torch.autograd.grad(per_task.sum(), list(fast.values()), create_graph=second_order)
-            if isinstance(lr, dict):
+            if not needs_meta_grad:
+                # Serving: the fast weights are leaves this function owns, so update them in place, in one
+                # multi-tensor op, and reuse them as the next step's leaves.
+                with torch.no_grad():
+                    weights = [w.detach() for w in fast.values()]
+                    if isinstance(lr, dict):
+                        torch._foreach_sub_(weights, torch._foreach_mul([lr[k] for k in fast], grads))
+                    else:
+                        torch._foreach_add_(weights, grads, alpha=-lr)
+                fast = {k: w.requires_grad_(True) for k, w in zip(fast, weights)}
+            elif isinstance(lr, dict):
                 fast = {k: w - lr[k] * g for (k, w), g in zip(fast.items(), grads)}
             else:
                 fast = {k: w - lr * g for (k, w), g in zip(fast.items(), grads)}
-            if not needs_meta_grad:
-                fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
     if not needs_meta_grad:
         fast = {k: v.detach() for k, v in fast.items()}
     if steps == 0:
