@@ -95,6 +95,11 @@ PYEOF
 }
 
 stage environment 60 environment
+# TRAINING first: the bundled models are what a later session cannot recompute without a GPU.
+# GPU_CHECK_TRAIN_S > 0 runs scripts/gpu_train.sh with T5/T20/TP (seconds per run) from the environment.
+if [ "${GPU_CHECK_TRAIN_S:-0}" -gt 0 ]; then
+    stage train "$GPU_CHECK_TRAIN_S" bash scripts/gpu_train.sh "$RESULTS_DIR"
+fi
 # Collection errors (e.g. a test module that needs grpc_tools, absent on the box) must not stop the GPU tests.
 stage pytest-gpu "$PYTEST_S" "$PY" -m pytest -q -m gpu -rfEs --continue-on-collection-errors tests
 if [ -f kernels/gpu_selftest.py ]; then
@@ -108,11 +113,12 @@ BENCH_LEFT=$(( $(remaining) - 60 ))
 stage bench $(( BENCH_BUDGET_S + 60 )) "$PY" -m kernels.bench --out "$RESULTS_DIR/bench" "${BENCH_ARGS[@]}" \
     --budget-s "$BENCH_BUDGET_S"
 
-# TRAINING ------------------------------------------------------------------------------------------------------
-# The lead adds the GPU training commands here, one `stage` each, e.g.
-#   stage train-omniglot "$(remaining)" "$PY" -m trainer omniglot-5w1s --out "$RESULTS_DIR/train-omniglot"
-# `remaining` is what the global deadline leaves (raise GPU_CHECK_TOTAL_S or lower the budgets above to make room).
-# TRAINING end ---------------------------------------------------------------------------------------------------
+# LOAD TEST: AdaptAndPredict through gRPC on loopback with the GPU engine (needs grpcio >= 1.85.1, protobuf 7).
+if [ "${GPU_CHECK_LOADTEST_S:-0}" -gt 0 ]; then
+    ZOO=models/zoo; [ -f "$RESULTS_DIR/zoo/omniglot-5w1s.pt" ] && ZOO="$RESULTS_DIR/zoo"
+    stage loadtest "$GPU_CHECK_LOADTEST_S" "$PY" -m server.loadtest --out "$RESULTS_DIR/loadtest" --duration 5 \
+        --model-dir "$ZOO" --backend "${GPU_CHECK_LOADTEST_BACKEND:-auto}"
+fi
 
 echo "== total $(( $(date +%s) - START ))s; stages (name rc seconds):"
 cat "$SUMMARY"

@@ -6,6 +6,7 @@ set -u
 R=${1:?results dir}
 PY=${PY:-python3}
 mkdir -p "$R/train" "$R/zoo"
+W=${TRAIN_WORK:-/tmp/fastadapt-train}  # run folders (checkpoints, states, plots) stay here; $R gets the essentials
 export FASTADAPT_OMNIGLOT=${FASTADAPT_OMNIGLOT:-.gpu/omniglot}
 export PYTHONUNBUFFERED=1
 common=(--progress false --log-every "${LOG_EVERY:-500}" --val-every 2000 --checkpoint-every 5000 --iterations 60000)
@@ -18,9 +19,12 @@ timeout 120 $PY -m trainer.throughput --iters 50 --algorithm fomaml --out "$R/tr
 run() {  # name seconds split zoo-file
   echo "== $1 on the $3 split for ${2}s"
   timeout $(( $2 + 150 )) $PY -m trainer "$1" "${common[@]}" --max-seconds "$2" --split "$3" \
-    --out-dir "$R/train/$1-$3" ${4:+--zoo "$R/zoo/$4"} 2>&1 | grep --line-buffered -v '^{"config"' | tee "$R/train/$1-$3.log" | tail -12
+    --out-dir "$W/$1-$3" ${4:+--zoo "$R/zoo/$4"} "${@:5}" 2>&1 | grep --line-buffered -v '^{"config"' | tee "$R/train/$1-$3.log" | tail -12
 }
-run omniglot-5w1s "${T5:-100}" background omniglot-5w1s.pt
-run omniglot-20w1s "${T20:-110}" background omniglot-20w1s.pt
+# Bundled models meta-train with the serving BN policy ('support'), so training matches how they are served.
+[ "${T5:-100}" -gt 0 ] && run omniglot-5w1s "${T5:-100}" background omniglot-5w1s.pt --bn-policy support
+[ "${T20:-0}" -gt 0 ] && run omniglot-20w1s "$T20" background omniglot-20w1s.pt --bn-policy support
 [ "${TP:-0}" -gt 0 ] && run omniglot-5w1s "$TP" paper ""
-ls -la "$R/zoo"
+# Everything but the bulky training states, as one archive (the device tool returns at most 8 files).
+tar czf "$R/train/runs.tgz" --exclude=state.pt --exclude=last.pt -C "$W" .
+ls -la "$R/zoo" "$R/train"

@@ -76,6 +76,9 @@ def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
 
 
 def git_commit() -> str:
+    """The checkout's commit, or $FASTADAPT_COMMIT where the tree travelled without .git (a GPU box)."""
+    if os.environ.get("FASTADAPT_COMMIT"):
+        return os.environ["FASTADAPT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parents[1], timeout=5).stdout.strip() or "unknown"
