@@ -100,8 +100,6 @@ stage environment 60 environment
 if [ "${GPU_CHECK_TRAIN_S:-0}" -gt 0 ]; then
     stage train "$GPU_CHECK_TRAIN_S" bash scripts/gpu_train.sh "$RESULTS_DIR"
 fi
-# Collection errors (e.g. a test module that needs grpc_tools, absent on the box) must not stop the GPU tests.
-stage pytest-gpu "$PYTEST_S" "$PY" -m pytest -q -m gpu -rfEs --continue-on-collection-errors tests
 if [ -f kernels/gpu_selftest.py ]; then
     stage gpu-selftest "$SELFTEST_S" "$PY" kernels/gpu_selftest.py
 else
@@ -113,6 +111,9 @@ BENCH_LEFT=$(( $(remaining) - 60 ))
 stage bench $(( BENCH_BUDGET_S + 60 )) "$PY" -m kernels.bench --out "$RESULTS_DIR/bench" "${BENCH_ARGS[@]}" \
     --budget-s "$BENCH_BUDGET_S"
 
+# GPU tests after the benchmark: the self-test and the benchmark have compiled the common kernels by then.
+# Collection errors (e.g. a test module that needs grpc_tools, absent on the box) must not stop the GPU tests.
+stage pytest-gpu "$PYTEST_S" "$PY" -m pytest -q -m gpu -rfEs --continue-on-collection-errors tests
 # LOAD TEST: AdaptAndPredict through gRPC on loopback with the GPU engine (needs grpcio >= 1.85.1, protobuf 7).
 if [ "${GPU_CHECK_LOADTEST_S:-0}" -gt 0 ]; then
     ZOO=models/zoo; [ -f "$RESULTS_DIR/zoo/omniglot-5w1s.pt" ] && ZOO="$RESULTS_DIR/zoo"

@@ -11,10 +11,12 @@ export FASTADAPT_OMNIGLOT=${FASTADAPT_OMNIGLOT:-.gpu/omniglot}
 export PYTHONUNBUFFERED=1
 common=(--progress false --log-every "${LOG_EVERY:-500}" --val-every 2000 --checkpoint-every 5000 --iterations 60000)
 
+if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
 echo "== training throughput (same run: per-task loop vs batched vs CUDA graph)"
 timeout 120 $PY -m trainer.throughput --iters 50 --out "$R/train/throughput" 2>&1 | tee "$R/train/throughput.log"
 timeout 120 $PY -m trainer.throughput --iters 50 --algorithm fomaml --out "$R/train/throughput" 2>&1 \
   | tee -a "$R/train/throughput.log"
+fi
 
 run() {  # name seconds split zoo-file
   echo "== $1 on the $3 split for ${2}s"

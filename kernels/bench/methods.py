@@ -32,13 +32,18 @@ class Method:
             return f"{type(exc).__name__}: {exc}"
 
 
-def _engine(backend: str, device: torch.device):
+def _engine(backend: str, device: torch.device, precision: str | None = None):
     from kernels.engine import Engine
 
-    return Engine(backend=backend, device=device)
+    engine = Engine(backend=backend, device=device)
+    if precision is not None:  # the fused kernels with tensor-core dot products (accuracy cost: see the cross-check)
+        from kernels.triton_backend import TritonBackend
+
+        engine.backend = TritonBackend(device, precision=precision)
+    return engine
 
 
-def engine_method(backend: str) -> Method:
+def engine_method(backend: str, precision: str | None = None) -> Method:
     """Engine(backend): the backend's one-call adapt_predict when it has one, else adapt then predict."""
 
     def check(device: torch.device) -> str | None:
@@ -47,13 +52,13 @@ def engine_method(backend: str) -> Method:
                 return "no CUDA: Triton runs only under its interpreter here (TRITON_INTERPRET=1), not a speed path"
             return f"backend {backend!r} needs CUDA (CUDA graphs)"
         try:
-            _engine(backend, device)
+            _engine(backend, device, precision)
         except Exception as exc:
             return f"Engine(backend={backend!r}) failed: {type(exc).__name__}: {exc}"
         return None
 
     def make(case: Case):
-        engine = _engine(backend, case.device)
+        engine = _engine(backend, case.device, precision)
         fused = getattr(engine.backend, "adapt_predict", None)
         model = case.model
 
@@ -72,7 +77,10 @@ def engine_method(backend: str) -> Method:
         "graph": "Engine graph: the reference captured in a CUDA graph per shape bucket",
         "triton": "Engine triton: fused Triton kernels",
     }[backend]
-    return Method(backend, "ours", make, describe, check)
+    name = backend
+    if precision is not None:
+        name, describe = f"{backend}-{precision}", f"{describe}, tl.dot input precision {precision}"
+    return Method(name, "ours", make, describe, check)
 
 
 def _needs_cuda(device: torch.device) -> str | None:
@@ -85,6 +93,7 @@ METHODS: dict[str, Method] = {
         engine_method("reference"),
         engine_method("graph"),
         engine_method("triton"),
+        engine_method("triton", precision="tf32x3"),
         Method("grouped-graph", "peer", peers.grouped_graph, "grouped conv (tasks in channels) in one CUDA graph",
                _needs_cuda),
         Method("vmap", "peer", peers.vmap_tasks, "torch.func: functional_call + grad, vmapped over tasks"),
