@@ -53,7 +53,8 @@ def adapt(
 
     params: a meta-initialization without task axis (broadcast to T) or task-stacked [T, ...].
     support_x: [T, N*K, *input_shape]; support_y: [T, N*K].
-    lr: a float, or per-parameter tensors (Meta-SGD) shaped like the meta-initialization.
+    lr: a float, a 0-dim tensor (kept on the device: CUDA-graph capture), or per-parameter tensors (Meta-SGD)
+      shaped like the meta-initialization.
     second_order: keep the graph through the inner gradients (MAML); otherwise the inner gradients are constants
       (first-order MAML; and serving, where `params` need not require grad at all).
     track: also return the support loss and accuracy before every step and after the last.
@@ -85,6 +86,8 @@ def adapt(
                     weights = [w.detach() for w in fast.values()]
                     if isinstance(lr, dict):
                         torch._foreach_sub_(weights, torch._foreach_mul([lr[k] for k in fast], grads))
+                    elif isinstance(lr, torch.Tensor):  # a device scalar (CUDA-graph backends): never read it back
+                        torch._foreach_sub_(weights, torch._foreach_mul(grads, lr))
                     else:
                         torch._foreach_add_(weights, grads, alpha=-lr)
                 fast = {k: w.requires_grad_(True) for k, w in zip(fast, weights)}

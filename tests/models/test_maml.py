@@ -115,3 +115,14 @@ def test_predict_support_policy_needs_support_set():
     fast = adapt(spec, meta, x, y, steps=1, lr=0.1).params
     with pytest.raises(ValueError, match="needs the support set"):
         predict(spec, fast, x)
+
+
+def test_device_scalar_learning_rate_equals_float():
+    """CUDA-graph backends pass the lr as a 0-dim device tensor, so a new value reuses the graph."""
+    spec = SPECS["conv4-omniglot"]
+    meta = init_params(spec, torch.Generator().manual_seed(0))
+    x, y = tasks_for(spec, tasks=2, shots=1)
+    as_float = adapt(spec, meta, x, y, steps=2, lr=0.1).params
+    as_tensor = adapt(spec, meta, x, y, steps=2, lr=torch.tensor(0.1)).params
+    for k in meta:
+        torch.testing.assert_close(as_tensor[k], as_float[k], atol=1e-6, rtol=0)
