@@ -22,15 +22,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = {"tiny": [1, 2]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread is as fast, and two threads on a loaded 2-core box wait on each other (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quick(**kw) -> BenchSettings:
     base = dict(matrix=TINY, methods=["reference", "per-task-loop"], device="cpu", repeats=1, warmup=1,
                 budget_s=None, progress=False)

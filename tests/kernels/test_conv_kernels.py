@@ -12,21 +12,8 @@ import torch
 from kernels.block_reference import TOLERANCES, conv_block_case
 from kernels.conv_grad_kernels import conv_bn_backward_sgd
 from kernels.conv_kernels import BNInput, conv_bn_forward
-
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# The interpreter ignores tl.dot's input precision: only ieee means something on the CPU.
-PRECISIONS = ("ieee", "tf32x3", "tf32") if DEV.type == "cuda" else ("ieee",)
-
-
-def _with_precisions(cases):
-    """Every case in ieee; the tensor-core precisions (CUDA only) on the full-size (gpu-marked) cases, which keeps
-    the number of kernel compilations of a GPU run down."""
-    out = []
-    for case in cases:
-        full = any(m.name == "gpu" for m in case.marks)
-        for precision in PRECISIONS if full else ("ieee",):
-            out.append(pytest.param(*case.values, precision, id=f"{case.id}-{precision}", marks=case.marks))
-    return out
+from tests.kernels.precisions import DEV, PRECISIONS  # noqa: F401
+from tests.kernels.precisions import with_precisions as _with_precisions
 
 # tasks, batch, cin, cout, size, stride, mode (0 raw, 1 bn+relu, 2 bn+relu+pool), shared params, stat images
 CASES = [

@@ -16,15 +16,6 @@ from models.spec import ModelSpec
 SPEC = ModelSpec("tiny-omniglot", "conv4-omniglot", ways=3, inner_lr=0.4, steps=2, hidden=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread is as fast, and two threads on a loaded 2-core box wait on each other (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(seed=0, spec=SPEC, device="cpu") -> MetaModel:
     return MetaModel(spec, init_params(spec, torch.Generator().manual_seed(seed))).to(device)
 
