@@ -18,7 +18,8 @@ def plot_steps(result: dict, title: str, path: Path):
             continue
         mean, ci = result[policy]["mean"], result[policy]["ci95"]
         steps = range(len(mean))
-        ax.plot(steps, mean, marker="o", label=f"BN {policy}")
+        label = "MAML" if result["metric"] == "mse" else f"BN {policy}"  # regression models have no batch norm
+        ax.plot(steps, mean, marker="o", label=label)
         ax.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)], alpha=0.2)
     ax.set_xlabel("inner SGD steps")
     ax.set_ylabel("query MSE" if result["metric"] == "mse" else "query accuracy (%)")
