@@ -79,3 +79,22 @@ def test_max_seconds_stops_early_with_a_checkpoint(tmp_path):
     trainer = Trainer(_cfg(tmp_path, iterations=10_000, hidden=8, meta_batch=2, max_seconds=1e-9)).train()
     assert trainer.iteration == 5  # stops at the first log point, checkpointed
     assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "state.pt").exists()
+
+
+def test_miniimagenet_config_trains_on_a_ravi_larochelle_folder(tmp_path, monkeypatch):
+    """The mini-ImageNet configs work end to end for a user who has the data (a tiny synthetic folder here)."""
+    from tests.trainer.test_data_miniimagenet import write_fake_miniimagenet
+
+    root = tmp_path / "mini"
+    write_fake_miniimagenet(root, classes=5, per_class=4)
+    monkeypatch.setenv("FASTADAPT_CACHE", str(tmp_path / "cache"))
+    cfg = dataclasses.replace(CONFIGS["miniimagenet-5w1s"], device="cpu", progress=False, data_root=str(root),
+                              out_dir=str(tmp_path / "run"), iterations=2, meta_batch=2, queries=2, eval_queries=2,
+                              hidden=4, inner_steps=2, log_every=1, val_every=2, val_tasks=2, eval_tasks=2,
+                              eval_steps=2)
+    trainer = Trainer(cfg).train()
+    assert trainer.iteration == 2
+    result = final_evaluation(trainer)
+    assert len(result["support"]["mean"]) == 3
+    model = load_checkpoint(tmp_path / "run" / "best.pt", expect_arch="conv4-miniimagenet")
+    assert model.spec.input_shape == (3, 84, 84) and model.spec.steps == 10
