@@ -101,7 +101,8 @@ if [ "${GPU_CHECK_TRAIN_S:-0}" -gt 0 ]; then
     stage train "$GPU_CHECK_TRAIN_S" bash scripts/gpu_train.sh "$RESULTS_DIR"
 fi
 if [ -f kernels/gpu_selftest.py ]; then
-    stage gpu-selftest "$SELFTEST_S" "$PY" kernels/gpu_selftest.py
+    stage gpu-selftest "$SELFTEST_S" "$PY" -m kernels.gpu_selftest --out "$RESULTS_DIR/selftest.json" \
+        --precisions "${GPU_CHECK_PRECISIONS:-ieee,tf32x3}" $([ "$DRY" = 1 ] && echo --tiny)
 else
     echo "gpu-selftest absent 0" >> "$SUMMARY"
 fi
@@ -109,7 +110,7 @@ BENCH_LEFT=$(( $(remaining) - 60 ))
 [ "$BENCH_BUDGET_S" -gt "$BENCH_LEFT" ] && BENCH_BUDGET_S=$BENCH_LEFT
 [ "$BENCH_BUDGET_S" -lt 1 ] && BENCH_BUDGET_S=1
 stage bench $(( BENCH_BUDGET_S + 60 )) "$PY" -m kernels.bench --out "$RESULTS_DIR/bench" "${BENCH_ARGS[@]}" \
-    --budget-s "$BENCH_BUDGET_S"
+    --budget-s "$BENCH_BUDGET_S" ${GPU_CHECK_BENCH_EXTRA:-}
 
 # GPU tests after the benchmark: the self-test and the benchmark have compiled the common kernels by then.
 # Collection errors (e.g. a test module that needs grpc_tools, absent on the box) must not stop the GPU tests.
