@@ -126,3 +126,23 @@ def test_device_scalar_learning_rate_equals_float():
     as_tensor = adapt(spec, meta, x, y, steps=2, lr=torch.tensor(0.1)).params
     for k in meta:
         torch.testing.assert_close(as_tensor[k], as_float[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "device-scalar", "meta-sgd"])
+def test_serving_adapt_and_predict_never_read_device_values_on_the_host(lr_kind):
+    """CUDA-graph capture forbids host reads of device values (a sync): under FakeTensorMode any such read raises.
+
+    This is how a device-scalar lr once broke the graph backend's capture (an implicit `.item()` in the SGD update).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    spec = SPECS["conv4-omniglot"]
+    meta = init_params(spec)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x, q = torch.rand(2, 10, 1, 28, 28), torch.rand(2, 7, 1, 28, 28)
+        y = torch.arange(5).repeat_interleave(2).repeat(2, 1)
+        lr = {"float": 0.1, "device-scalar": torch.full((), 0.1),
+              "meta-sgd": {k: torch.full_like(v, 0.1) for k, v in meta.items()}}[lr_kind]
+        result = adapt(spec, meta, x, y, 2, lr, track=True)
+        logits = predict(spec, result.params, q, x)
+    assert logits.shape == (2, 7, 5) and result.support_loss.shape == (3, 2)
