@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.functional import forward, param_shapes, stack_params
+from models.functional import forward, param_shapes
 from models.spec import ModelSpec
 
 
@@ -132,4 +132,4 @@ def predict(
     return forward(spec, fast, query_x)
 
 
-__all__ = ["AdaptResult", "adapt", "predict", "stack_params", "task_losses", "task_accuracy"]
+__all__ = ["AdaptResult", "adapt", "predict", "task_losses", "task_accuracy"]

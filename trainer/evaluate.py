@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from models.maml import adapt, predict, task_losses
+from models.functional import stack_params
+from models.maml import adapt, predict
 from models.spec import ModelSpec
 
 POLICIES = ("transductive", "support")
@@ -39,7 +40,7 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
     while done < tasks:
         n = min(chunk, tasks - done)
         b = sampler.sample(n)
-        fast = {k: v.unsqueeze(0).expand(n, *v.shape).contiguous() for k, v in params.items()}
+        fast = stack_params(params, n)
         for s in range(steps + 1):
             with torch.no_grad():
                 for p in policies:
@@ -56,14 +57,6 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
             "ci95": [1.96 * v.std(unbiased=False).item() / math.sqrt(len(v)) for v in values],
         }
     return result
-
-
-def support_loss_after(spec: ModelSpec, params, batch, steps: int, lr) -> torch.Tensor:
-    """Support loss per task after `steps` inner steps (used by tests and diagnostics)."""
-    fast = adapt(spec, params, batch.support_x, batch.support_y, steps, lr).params
-    with torch.no_grad():
-        return task_losses(spec, predict(spec, fast, batch.support_x, batch.support_x, "transductive"),
-                           batch.support_y)
 
 
 def results_markdown(name: str, result: dict, report_steps=(0, 1, 3, 5, 10)) -> str:
