@@ -97,8 +97,8 @@ def adapt(
                 fast = {k: w - lr * g for (k, w), g in zip(fast.items(), grads)}
     if not needs_meta_grad:
         fast = {k: v.detach() for k, v in fast.items()}
-    if steps == 0:
-        fast = {k: v.contiguous() if v.requires_grad else v.contiguous().clone() for k, v in fast.items()}
+    if steps == 0:  # broadcast views of the meta-initialization become per-task tensors (serving already cloned)
+        fast = {k: v.contiguous() for k, v in fast.items()}
     result = AdaptResult(fast)
     if track:
         with torch.no_grad():
