@@ -88,8 +88,11 @@ def check_block(name, tasks, batch, cin, cout, size, stride, mode, stat_images, 
                                                stride=stride, in_bn=case.in_bn, pool_input=mode == 2,
                                                input_grad=mode > 0, precision=precision)
     for k, p in case.params.items():
-        worst[f"new {k}"] = _err(new[k], p - 0.3 * case.grads[k], precision,
-                                 max(1.0, float(case.grads[k].abs().max()) / 100))
+        # The conv bias feeds BN, which cancels it: its true gradient is 0 and the kernel copies it, while torch's
+        # float32 autograd returns rounding noise for it (up to 1e-3 over mini-ImageNet's 35,000 rows): compare
+        # with the exact value, the old bias.
+        expected = p.expand_as(new[k]) if k == "bias" else p - 0.3 * case.grads[k]
+        worst[f"new {k}"] = _err(new[k], expected, precision, max(1.0, float(case.grads[k].abs().max()) / 100))
     if mode > 0:
         worst["dy_in"] = _err(dy_in, case.dy_in, precision)
         worst["in_bsum"] = _err(in_bsum, case.in_bsum, precision, float(case.in_bsum.abs().max().clamp(min=1)))

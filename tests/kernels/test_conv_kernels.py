@@ -88,6 +88,8 @@ def test_backward_sgd_matches_autograd(tasks, batch, cin, cout, size, stride, mo
         precision=precision,
     )
     assert new is out_params
+    # The conv bias feeds batch norm, whose mean subtraction cancels it: the kernel copies it bit for bit.
+    assert torch.equal(new["bias"], case.params["bias"].expand_as(new["bias"]))
     for k, p in case.params.items():
         rate = lr[k] if meta_sgd else lr
         expected = p - rate * case.grads[k]  # p broadcasts over tasks when shared
@@ -173,3 +175,28 @@ def test_bn_input_count_must_be_positive():
     bad = BNInput(case.in_bn.stats, case.in_bn.gamma, case.in_bn.beta, 0)
     with pytest.raises(ValueError, match="count=0"):
         conv_bn_forward(case.x, case.params["weight"], case.params["bias"], stride=1, in_bn=bad)
+
+
+def test_conv_bias_gradient_is_zero_under_batch_norm_in_float64():
+    """Why the kernel may copy the conv bias: a per-channel constant added before batch norm is removed again by its
+    batch-mean subtraction (whichever rows the statistics come from), so the bias changes no output and its
+    float64 autograd gradient is rounding; the head bias, which no BN follows, gets a real gradient."""
+    from models.functional import forward, init_params
+    from models.maml import task_losses
+    from models.spec import ModelSpec
+
+    spec = ModelSpec("conv4-omniglot", "conv4-omniglot", ways=5, inner_lr=0.4, steps=1, hidden=16,
+                     input_shape=(1, 9, 9))
+    g = torch.Generator().manual_seed(3)
+    params = {k: (v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64)).unsqueeze(0)
+              .requires_grad_(True) for k, v in init_params(spec, g).items()}
+    x = torch.rand(1, 10, 1, 9, 9, generator=g, dtype=torch.float64)
+    y = torch.arange(5).repeat(2).unsqueeze(0)
+    for stat_rows in (None, 5):
+        loss = task_losses(spec, forward(spec, params, x, stat_rows), y).sum()
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+        assert grads["head.bias"].abs().max() > 1e-3
+        for i in range(4):
+            bias, weight = grads[f"conv{i}.bias"].abs().max(), grads[f"conv{i}.weight"].abs().max()
+            assert weight > 1e-6, f"conv{i}.weight has no gradient: the check would prove nothing"
+            assert bias < 1e-12 * weight, (stat_rows, i, float(bias), float(weight))
