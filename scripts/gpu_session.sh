@@ -14,9 +14,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export FASTADAPT_OMNIGLOT=${FASTADAPT_OMNIGLOT:-.gpu/omniglot}
+# Triton's compile cache survives sessions: compiling the kernels took most of the first session's device minutes.
+# It comes back as $OUT/triton-cache.tgz; put that file in .gpu/ and carry .gpu, and the kernels load instead of
+# compiling (same Triton and GPU architecture: the cache keys on both, so a stale entry is simply not used).
+export TRITON_CACHE_DIR=/tmp/fastadapt-triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .gpu/triton-cache.tgz ] && tar xzf .gpu/triton-cache.tgz -C "$TRITON_CACHE_DIR" \
+    && echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files from .gpu/triton-cache.tgz"
 export GPU_CHECK_TOTAL_S=${GPU_CHECK_TOTAL_S:-385} GPU_CHECK_SELFTEST_S=${GPU_CHECK_SELFTEST_S:-60}
 export GPU_CHECK_BENCH_BUDGET_S=${GPU_CHECK_BENCH_BUDGET_S:-120} GPU_CHECK_PYTEST_S=${GPU_CHECK_PYTEST_S:-90}
-export GPU_CHECK_LOADTEST_S=${GPU_CHECK_LOADTEST_S:-45}
+export GPU_CHECK_LOADTEST_S=${GPU_CHECK_LOADTEST_S:-120}  # the server warms every bucket before it serves
 export GPU_CHECK_BENCH_EXTRA=${GPU_CHECK_BENCH_EXTRA:---case-time-s 1 --max-call-s 3}
 R=/tmp/fastadapt-gpu
 rm -rf "$R"
@@ -25,5 +32,6 @@ rc=$?
 cp "$R.log" "$OUT/gpu_check.log"
 cp "$R"/zoo/*.pt "$OUT/" 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$(dirname "$R")" "$(basename "$R")"
+tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . && ls -la "$OUT"
 cat "$R/summary.txt"
 exit $rc

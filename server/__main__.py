@@ -33,6 +33,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--max-queries", type=int, default=d.limits.max_queries, help="largest Q accepted")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port (0 = off)")
     p.add_argument("--grace-s", type=float, default=d.grace_s, help="how long in-flight RPCs may finish on SIGTERM")
+    p.add_argument("--warmup", default=d.warmup,
+                   help="task counts to run per model before serving: auto (GPU graph backends: every bucket up to 64; "
+                        "CPU: 1), none, or e.g. 1,8,64")
+    p.add_argument("--warmup-shots", type=int, default=d.warmup_shots, help="support images per class in the warm-up")
+    p.add_argument("--warmup-queries", type=int, default=d.warmup_queries,
+                   help="query images per class in the warm-up (0: adapt only)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="inner steps in the warm-up (0: default)")
+    p.add_argument("--warmup-models", default=d.warmup_models, help="comma-separated models to warm (default: all)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     a = p.parse_args(argv)
     configure(a.log_level)
@@ -40,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         model_dir=a.model_dir, host=a.host, port=a.port, device=a.device, backend=a.backend, max_batch=a.max_batch,
         max_wait_ms=a.max_wait_ms, batch_wait=a.batch_wait, max_queue=a.max_queue, cache_bytes=a.cache_bytes,
         cache_ttl_s=a.cache_ttl_s, limits=Limits(max_support=a.max_support, max_queries=a.max_queries),
-        metrics_port=a.metrics_port, grace_s=a.grace_s, port_file=a.port_file,
+        metrics_port=a.metrics_port, grace_s=a.grace_s, port_file=a.port_file, warmup=a.warmup,
+        warmup_shots=a.warmup_shots, warmup_queries=a.warmup_queries, warmup_steps=a.warmup_steps,
+        warmup_models=a.warmup_models,
     )
 
 
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         return asyncio.run(serve(config))
-    except (OSError, ValueError, NotImplementedError) as exc:  # startup: bad folder, checkpoint, port, backend
+    except (OSError, ValueError, NotImplementedError, RuntimeError) as exc:  # startup: folder, port, warm-up ...
         get_logger().error("startup failed", extra={"error": f"{type(exc).__name__}: {exc}"})
         return 2
 

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from server.service import FastAdaptService
 from server.status import StatusInterceptor
 from server.telemetry import ServerMetrics, get_logger
 from server.validation import Limits
+from server.warmup import make_plan, warm_up
 from server.wire import MAX_REQUEST_BYTES, SERVICE_NAME, TRANSPORT_LIMIT_BYTES, channel_options, pb_grpc
 
 
@@ -46,7 +48,12 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     metrics_port: int = 0  # 0: off
     grace_s: float = 30.0
-    port_file: Path | None = None  # written once serving: JSON {port, device, backend, models}
+    port_file: Path | None = None  # written once serving: JSON {port, device, backend, models, warmup_s}
+    warmup: str = "auto"  # task counts run per model before the port opens: auto | none | 1,2,4 (server/warmup.py)
+    warmup_shots: int = 1
+    warmup_queries: int = 15  # per class
+    warmup_steps: int = 0  # 0: each model's default
+    warmup_models: str = ""  # comma-separated; empty: all
 
 
 @dataclass
@@ -60,6 +67,7 @@ class RunningServer:
     cache: AdaptationCache
     metrics: ServerMetrics
     health: health.aio.HealthServicer
+    warmup: dict = field(default_factory=dict)  # {model: {task count: seconds}} of the start-up warm-up
 
     @property
     def address(self) -> str:
@@ -81,6 +89,8 @@ async def start(config: ServerConfig) -> RunningServer:
             f"{TRANSPORT_LIMIT_BYTES}"
         )
     engine = Engine(config.backend, config.device)
+    plan = make_plan(config.warmup, config.warmup_shots, config.warmup_queries, engine.backend_name,
+                     engine.device.type, config.max_batch, config.warmup_steps, config.warmup_models)
     registry = ModelRegistry.from_dir(config.model_dir, device=engine.device)
     metrics = ServerMetrics()
     runner = BatchRunner(engine)
@@ -97,6 +107,18 @@ async def start(config: ServerConfig) -> RunningServer:
     )
     metrics.bind(cache, batcher)
     service = FastAdaptService(registry, batcher, runner, cache, metrics, config.limits)
+    # Before the port opens: the first clients must not pay kernel compilation and CUDA-graph capture.
+    started = time.perf_counter()
+    try:
+        warmed = await warm_up(plan, registry, runner, batcher)
+    except Exception:
+        await batcher.close()
+        raise
+    warmup_s = round(time.perf_counter() - started, 3)
+    if warmed:
+        log.info("warmed up", extra={"seconds": warmup_s, "tasks": list(plan.tasks), "shots": plan.shots,
+                                     "queries_per_class": plan.queries, "steps": plan.steps or "model default",
+                                     "per_model_s": warmed})
 
     server = grpc.aio.server(
         interceptors=[StatusInterceptor(metrics)],
@@ -115,7 +137,8 @@ async def start(config: ServerConfig) -> RunningServer:
     await server.start()
     metrics.start_http(config.metrics_port, config.host)
     if config.port_file is not None:  # for launchers: where and how the server runs, written once it serves
-        ready = {"port": port, "device": str(engine.device), "backend": engine.backend_name, "models": registry.names()}
+        ready = {"port": port, "device": str(engine.device), "backend": engine.backend_name, "models": registry.names(),
+                 "warmup_s": warmup_s}
         tmp = Path(f"{config.port_file}.tmp")
         tmp.write_text(json.dumps(ready) + "\n")
         os.replace(tmp, config.port_file)
@@ -132,7 +155,7 @@ async def start(config: ServerConfig) -> RunningServer:
             "config": settings,
         },
     )
-    return RunningServer(config, server, port, engine, registry, batcher, cache, metrics, health_servicer)
+    return RunningServer(config, server, port, engine, registry, batcher, cache, metrics, health_servicer, warmed)
 
 
 async def serve(config: ServerConfig) -> int:

@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="inner steps (0 = model default)")
     p.add_argument("--queries-per-class", type=int, default=15)
     p.add_argument("--timeout", type=float, default=60.0, help="deadline per call, seconds")
+    p.add_argument("--startup-s", type=float, default=300.0,
+                   help="how long the server may take to load and warm up (GPU: compile + capture every bucket)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--backend", default="auto")
     p.add_argument("--server-arg", action="append", default=[], help="extra `python -m server` argument (repeat)")
@@ -149,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in fresh:
                 print(f"NOTICE: {args.model_dir} has no {name} checkpoint: load-testing a FRESH, UNTRAINED "
                       "initialization of the same architecture (the work per request is the same).")
+            # The server warms the load-tested shapes (every batch-size bucket on a GPU) before it opens its port,
+            # so the levels measure steady state, not kernel compilation and CUDA-graph capture.
             server = ServerProcess(model_dir, "--device", args.device, "--backend", args.backend,
-                                   "--log-level", "warning", *args.server_arg)
+                                   "--log-level", "warning", "--warmup-models", args.model,
+                                   "--warmup-steps", str(args.steps), "--warmup-queries", str(args.queries_per_class),
+                                   *args.server_arg, startup_s=args.startup_s)
             address, info = server.address, server.info
         try:
             with FastAdaptClient(address) as client:

@@ -1,0 +1,121 @@
+"""Start-up warm-up: run every model once per expected batch size before the server takes requests.
+
+On a GPU backend the first call of each shape bucket compiles kernels and captures a CUDA graph (seconds); a
+server that skips this pays it inside its first requests (the 64-client load test on an H200 spent its whole window
+in it). The warm-up runs one AdaptAndPredict batch of blank uint8 images per (model, task count) through the same
+BatchRunner the batcher uses, on the engine's worker thread, before the port opens, so the first client sees
+steady-state latency. Shapes: N ways x `shots` support images, N x `queries` query images, `steps` inner steps (0:
+the model's default) at the model's default learning rate; `models` limits it to some models (default: all). The
+buckets a client with other shapes uses are built on first use, as before.
+
+`tasks`: "auto" (CUDA-graph backends: every bucket up to min(max_batch, 64); the CPU reference: T=1 only, to pay the
+first-call costs), "none", or a comma-separated list of task counts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.batcher import DynamicBatcher
+from server.registry import ModelRegistry
+from server.runner import AdaptJob, BatchRunner
+
+AUTO_MAX_TASKS = 64
+
+
+@dataclass(frozen=True)
+class WarmupPlan:
+    tasks: tuple[int, ...]  # task counts per model, ascending
+    shots: int = 1  # support images per class
+    queries: int = 15  # query images per class
+    steps: int = 0  # 0: each model's default
+    models: tuple[str, ...] = ()  # empty: every served model
+
+
+def bucket_sizes(limit: int) -> list[int]:
+    """The task-count buckets of the graph backends (1, 2, 3, 4, 6, 8, 12, 16, ...) up to limit."""
+    from kernels.triton_backend import task_bucket
+
+    sizes, n = [], 1
+    while n <= limit:
+        sizes.append(n)
+        n = task_bucket(n + 1)
+    return sizes
+
+
+def parse_tasks(value: str, backend: str, device: str, max_batch: int) -> tuple[int, ...]:
+    """'auto' | 'none' | '1,2,4' -> task counts; refuses anything else, naming the value."""
+    text = value.strip().lower()
+    if text == "none":
+        return ()
+    if text == "auto":
+        if device == "cuda" and backend in ("triton", "graph"):
+            return tuple(bucket_sizes(min(max_batch, AUTO_MAX_TASKS)))
+        return (1,)
+    counts = []
+    for part in text.split(","):
+        try:
+            n = int(part)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= max_batch:
+            raise ValueError(
+                f"--warmup {value!r}: {part.strip()!r} is not a task count in [1, max_batch={max_batch}], expected "
+                "'auto', 'none' or comma-separated counts such as 1,8,64"
+            )
+        counts.append(n)
+    return tuple(sorted(set(counts)))
+
+
+def make_plan(value: str, shots: int, queries: int, backend: str, device: str, max_batch: int, steps: int = 0,
+              models: str = "") -> WarmupPlan:
+    if steps < 0:
+        raise ValueError(f"--warmup-steps {steps}, expected >= 0 (0: each model's default)")
+    if shots < 1:
+        raise ValueError(f"--warmup-shots {shots}, expected >= 1 support image per class")
+    if queries < 0:
+        raise ValueError(f"--warmup-queries {queries}, expected >= 0 query images per class")
+    names = tuple(n.strip() for n in models.split(",") if n.strip())
+    return WarmupPlan(parse_tasks(value, backend, device, max_batch), shots, queries, steps, names)
+
+
+def warm_jobs(model, tasks: int, plan: WarmupPlan) -> list[AdaptJob]:
+    spec = model.spec
+    support_x = np.zeros((spec.ways * plan.shots, *spec.input_shape), dtype=np.uint8)
+    support_y = np.tile(np.arange(spec.ways, dtype=np.int64), plan.shots)
+    query_x = np.zeros((spec.ways * plan.queries, *spec.input_shape), dtype=np.uint8) if plan.queries else None
+    steps = plan.steps or spec.steps
+    return [AdaptJob(model, support_x, support_y, steps, None, query_x, keep=False) for _ in range(tasks)]
+
+
+async def warm_up(plan: WarmupPlan, registry: ModelRegistry, runner: BatchRunner, batcher: DynamicBatcher) -> dict:
+    """Run the plan on the engine's worker thread; returns {model: {task count: seconds}}."""
+
+    def run_all() -> dict:
+        report: dict[str, dict[int, float]] = {}
+        for name in plan.models or registry.names():
+            model = registry.get(name)
+            report[name] = {}
+            for tasks in plan.tasks:
+                start = time.perf_counter()
+                jobs = warm_jobs(model, tasks, plan)
+                try:
+                    outcomes = runner(jobs[0].key, jobs)
+                except Exception as exc:
+                    raise RuntimeError(f"warm-up of model {name!r} with {tasks} tasks failed: "
+                                       f"{type(exc).__name__}: {exc} (--warmup none skips the warm-up)") from exc
+                if len(outcomes) != tasks:
+                    raise RuntimeError(f"warm-up of model {name!r} with {tasks} tasks returned {len(outcomes)} results")
+                report[name][tasks] = round(time.perf_counter() - start, 4)
+        return report
+
+    unknown = [n for n in plan.models if n not in registry.names()]
+    if unknown:
+        raise ValueError(f"--warmup-models {','.join(plan.models)}: {unknown} not served here, expected some of "
+                         f"{registry.names()}")
+    if not plan.tasks:
+        return {}
+    return await batcher.run_exclusive(run_all)
