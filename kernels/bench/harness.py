@@ -262,8 +262,8 @@ def _run_config(data, cfg_name, task_counts, methods, reasons, settings, device,
                         ref_note = "reference logits are not finite" if not finite else ""
                         rec["crosscheck"] = {"status": "oracle" if finite else "fail", "note": ref_note or "the oracle"}
                     else:
-                        rec["crosscheck"] = cross_check(logits, ref, settings.atol, settings.rtol,
-                                                        settings.min_fraction, ref_note)
+                        rtol, atol = method.tolerance or (settings.rtol, settings.atol)
+                        rec["crosscheck"] = cross_check(logits, ref, atol, rtol, settings.min_fraction, ref_note)
                     del logits
                 _free(device)
             if method.name == REFERENCE and rec["status"] != "ok":

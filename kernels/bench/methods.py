@@ -24,6 +24,7 @@ class Method:
     describe: str
     check: Callable[[torch.device], str | None] = field(default=lambda device: None)
     per_task: bool = False  # cost grows one task at a time: the harness predicts its time from smaller T
+    tolerance: tuple[float, float] | None = None  # (rtol, atol) of its cross-check; None: the settings' (1e-4)
 
     def unavailable(self, device: torch.device) -> str | None:
         try:
@@ -77,10 +78,15 @@ def engine_method(backend: str, precision: str | None = None) -> Method:
         "graph": "Engine graph: the reference captured in a CUDA graph per shape bucket",
         "triton": "Engine triton: fused Triton kernels",
     }[backend]
-    name = backend
+    name, tolerance = backend, None
     if precision is not None:
         name, describe = f"{backend}-{precision}", f"{describe}, tl.dot input precision {precision}"
-    return Method(name, "ours", make, describe, check)
+    if precision == "tf32":  # one TF32 pass rounds every dot operand to 10 mantissa bits: its own, wider tolerance
+        from kernels.block_reference import TOLERANCES
+
+        tolerance = TOLERANCES[(torch.float32, "tf32")]
+        describe += f" (cross-checked at rtol/atol {tolerance[0]:g}: the accuracy cost is the recorded difference)"
+    return Method(name, "ours", make, describe, check, tolerance=tolerance)
 
 
 def _needs_cuda(device: torch.device) -> str | None:
@@ -93,6 +99,7 @@ METHODS: dict[str, Method] = {
         engine_method("reference"),
         engine_method("triton"),
         engine_method("triton", precision="tf32x3"),
+        engine_method("triton", precision="tf32"),
         Method("grouped-graph", "peer", peers.grouped_graph, "grouped conv (tasks in channels) in one CUDA graph",
                _needs_cuda),
         Method("vmap", "peer", peers.vmap_tasks, "torch.func: functional_call + grad, vmapped over tasks"),

@@ -74,18 +74,22 @@ def test_wrong_failing_and_unavailable_methods_are_recorded_not_raised(tmp_path)
         METHODS["reference"],
         METHODS["per-task-loop"],
         Method("wrong-lr", "peer", _wrong_lr, "per-task loop, lr x 1.01"),
+        Method("wrong-lr-wide", "ours", _wrong_lr, "the same, judged at its own tolerance", tolerance=(0.5, 0.5)),
         Method("broken", "peer", _broken, "raises"),
         Method("absent", "peer", _broken, "never runs", check=lambda device: "package absent-lib is not installed"),
     ]
     data = run_bench(quick(), tmp_path, methods=methods)
     results = by_method(data)
     assert all(r["crosscheck"]["status"] == "fail" for r in results["wrong-lr"])
+    # a method's own tolerance (tf32) replaces the settings' one, and the record says which was used
+    assert all(r["crosscheck"]["status"] == "pass" and r["crosscheck"]["atol"] == 0.5 for r in results["wrong-lr-wide"])
+    assert all(r["crosscheck"]["max_abs_diff"] > 1e-4 for r in results["wrong-lr-wide"])
     assert all(r["status"] == "failed" and "IndexError: index 7" in r["error"] for r in results["broken"])
     assert all(r["status"] == "unavailable" and "absent-lib" in r["error"] for r in results["absent"])
     for r in results["reference"]:  # a peer that fails the cross-check is never the "best peer"
         assert r["best_peer"] == "per-task-loop"
     verdicts = {v["method"]: v["verdict"] for v in data["summary"]["verdicts"]}
-    assert verdicts == {"per-task-loop": "pass", "wrong-lr": "fail"}
+    assert verdicts == {"per-task-loop": "pass", "wrong-lr": "fail", "wrong-lr-wide": "pass"}
     md = (tmp_path / "bench.md").read_text()
     assert "IndexError: index 7" in md and "absent-lib" in md
 
