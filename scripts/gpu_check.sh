@@ -9,6 +9,7 @@
 # call (the device tool stops a command at 600 s). Knobs (seconds, environment):
 #   PY (python3)  GPU_CHECK_TOTAL_S (570)  GPU_CHECK_PYTEST_S (150)  GPU_CHECK_SELFTEST_S (90)
 #   GPU_CHECK_BENCH_BUDGET_S (240: the benchmark's own budget, it records the points it had no time for as skipped)
+#   GPU_CHECK_PROFILE_S (60: kernels.profile_adapt, per-kernel times at T=1 and 128)
 #   GPU_CHECK_HIGHER_DIR: a folder holding the pure-Python `higher` package, for a box without it (default: looks in
 #   .venv/lib/python*/site-packages/higher, so carrying that one folder is enough).
 set -u
@@ -23,9 +24,11 @@ if [ "$DRY" = 1 ]; then
     [ -z "${PY:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
     TOTAL_S=${GPU_CHECK_TOTAL_S:-300}; PYTEST_S=${GPU_CHECK_PYTEST_S:-120}; SELFTEST_S=${GPU_CHECK_SELFTEST_S:-60}
     BENCH_BUDGET_S=${GPU_CHECK_BENCH_BUDGET_S:-60}; BENCH_ARGS=(--matrix tiny --repeats 2 --threads 1)
+    PROFILE_ARGS=(--config tiny --tasks 1,2 --threads 1)
 else
     TOTAL_S=${GPU_CHECK_TOTAL_S:-570}; PYTEST_S=${GPU_CHECK_PYTEST_S:-150}; SELFTEST_S=${GPU_CHECK_SELFTEST_S:-90}
     BENCH_BUDGET_S=${GPU_CHECK_BENCH_BUDGET_S:-240}; BENCH_ARGS=(--matrix gpu)
+    PROFILE_ARGS=(--config omniglot-5w1s --tasks 1,128)
 fi
 PY=${PY:-python3}
 export PY REPO DRY
@@ -111,6 +114,10 @@ BENCH_LEFT=$(( $(remaining) - 60 ))
 [ "$BENCH_BUDGET_S" -lt 1 ] && BENCH_BUDGET_S=1
 stage bench $(( BENCH_BUDGET_S + 60 )) "$PY" -m kernels.bench --out "$RESULTS_DIR/bench" "${BENCH_ARGS[@]}" \
     --budget-s "$BENCH_BUDGET_S" ${GPU_CHECK_BENCH_EXTRA:-}
+
+# PROFILE: per-kernel time of one adapt + predict at T=1 and T=128, and the launch gaps (what to optimize next).
+stage profile "${GPU_CHECK_PROFILE_S:-60}" "$PY" -m kernels.profile_adapt --out "$RESULTS_DIR/profile" \
+    "${PROFILE_ARGS[@]}"
 
 # GPU tests after the benchmark: the self-test and the benchmark have compiled the common kernels by then.
 # Collection errors (e.g. a test module that needs grpc_tools, absent on the box) must not stop the GPU tests.
