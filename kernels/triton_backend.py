@@ -61,7 +61,7 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self, device: str | torch.device = "cuda", precision: str | None = None,
-                 workspace_bytes: int | None = None, use_graphs: bool | None = None, max_graphs: int = 8,
+                 workspace_bytes: int | None = None, use_graphs: bool | None = None, max_graphs: int = 64,
                  check_labels: bool | None = None):
         """check_labels: range-check support_y. None (default): when the labels are in host memory, or on the CPU;
         CUDA labels would cost a device sync per call, which is latency at T=1 (server.validation checks the

@@ -22,6 +22,7 @@ import numpy as np
 from server.batcher import DynamicBatcher
 from server.registry import ModelRegistry
 from server.runner import AdaptJob, BatchRunner
+from server.telemetry import get_logger
 
 AUTO_MAX_TASKS = 64
 
@@ -91,6 +92,25 @@ def warm_jobs(model, tasks: int, plan: WarmupPlan) -> list[AdaptJob]:
     return [AdaptJob(model, support_x, support_y, steps, None, query_x, keep=False) for _ in range(tasks)]
 
 
+def graph_capacity(backend) -> int | None:
+    """How many captured programs the engine backend keeps (None: it captures nothing)."""
+    if getattr(backend, "use_graphs", False):
+        return backend.max_graphs
+    if getattr(backend, "capture", False):
+        return backend.max_buckets
+    return None
+
+
+def capacity_warning(plan: WarmupPlan, models: int, capacity: int | None) -> str | None:
+    """A warning when the warm-up would capture more programs than the backend keeps (the first ones get evicted)."""
+    wanted = models * len(plan.tasks)
+    if capacity is None or wanted <= capacity:
+        return None
+    return (f"the warm-up captures {wanted} programs ({models} models x {len(plan.tasks)} task counts) but the backend "
+            f"keeps {capacity}: the least recently used are evicted and captured again on first use; warm fewer "
+            "(--warmup-models, --warmup 1,8,64)")
+
+
 async def warm_up(plan: WarmupPlan, registry: ModelRegistry, runner: BatchRunner, batcher: DynamicBatcher) -> dict:
     """Run the plan on the engine's worker thread; returns {model: {task count: seconds}}."""
 
@@ -118,4 +138,7 @@ async def warm_up(plan: WarmupPlan, registry: ModelRegistry, runner: BatchRunner
                          f"{registry.names()}")
     if not plan.tasks:
         return {}
+    warning = capacity_warning(plan, len(plan.models or registry.names()), graph_capacity(runner.engine.backend))
+    if warning:
+        get_logger().warning("warm-up exceeds the graph cache", extra={"detail": warning})
     return await batcher.run_exclusive(run_all)

@@ -6,7 +6,7 @@ import pytest
 from kernels.engine import Engine
 from server.__main__ import main
 from server.client import FastAdaptClient
-from server.warmup import bucket_sizes, make_plan, parse_tasks
+from server.warmup import WarmupPlan, bucket_sizes, capacity_warning, graph_capacity, make_plan, parse_tasks
 from tests.server.conftest import TINY_SPECS, random_task
 
 
@@ -99,3 +99,16 @@ def test_cli_exits_2_on_bad_warmup_arguments(tiny_model_dir, capsys, args, needl
     assert code == 2
     captured = capsys.readouterr()
     assert needle in captured.out + captured.err
+
+
+def test_a_warmup_larger_than_the_graph_cache_is_flagged():
+    from kernels.graph_backend import GraphBackend
+    from kernels.triton_backend import TritonBackend
+
+    plan = WarmupPlan(tuple(bucket_sizes(64)))  # 12 task counts
+    assert capacity_warning(plan, 3, 64) is None and capacity_warning(plan, 3, None) is None
+    message = capacity_warning(plan, 3, 16)
+    assert "36 programs (3 models x 12 task counts)" in message and "keeps 16" in message
+    assert graph_capacity(GraphBackend("cpu")) is None  # the CPU captures nothing
+    assert graph_capacity(TritonBackend("cpu")) is None  # the interpreter launches, no graphs
+    assert graph_capacity(TritonBackend("cpu", use_graphs=False, max_graphs=5)) is None
