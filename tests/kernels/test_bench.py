@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -197,8 +198,16 @@ def test_grouped_graph_peer_captured_equals_eager_on_cuda(policy):
 
 @pytest.mark.gpu
 def test_tiny_matrix_on_cuda_every_method_cross_checks(tmp_path):
-    names = ["reference", "graph", "grouped-graph", "vmap", "per-task-loop"]
-    data = run_bench(quick(methods=names, device="cuda", repeats=2), tmp_path)
+    """In a child process: a failed CUDA-graph capture must not leave this pytest process (and the GPU tests after
+    this one) in whatever state it leaves behind."""
+    names = ["reference", "triton", "grouped-graph", "vmap", "per-task-loop", "graph"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernels.bench", "--out", str(tmp_path), "--matrix", "tiny", "--device", "cuda",
+         "--methods", ",".join(names), "--repeats", "2", "--budget-s", "0", "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["method"] for r in data["results"]} == set(names), proc.stderr[-2000:]
     for r in data["results"]:
         assert r["status"] == "ok", r
         assert r["crosscheck"]["status"] in ("oracle", "pass"), r
