@@ -121,7 +121,13 @@ stage profile "${GPU_CHECK_PROFILE_S:-60}" "$PY" -m kernels.profile_adapt --out 
 
 # GPU tests after the benchmark: the self-test and the benchmark have compiled the common kernels by then.
 # Collection errors (e.g. a test module that needs grpc_tools, absent on the box) must not stop the GPU tests.
-stage pytest-gpu "$PYTEST_S" "$PY" -m pytest -q -m gpu -rfEs --continue-on-collection-errors tests
+# Most telling first (a timeout then cuts the least): whole adaptations and 1024-task batches, the graph backend and
+# trainer capture, the bench cross-check, then the per-kernel cases the self-test already covered at full size.
+GPU_TEST_ORDER=(tests/kernels/test_triton_backend.py tests/kernels/test_graph_backend.py tests/trainer
+    tests/kernels/test_bench.py tests/kernels/test_profile_adapt.py tests/kernels/test_head_kernels.py
+    tests/kernels/test_conv_kernels.py tests)
+stage pytest-gpu "$PYTEST_S" "$PY" -m pytest -q -m gpu -rfEs --durations 15 --continue-on-collection-errors \
+    "${GPU_TEST_ORDER[@]}"
 # LOAD TEST: AdaptAndPredict through gRPC on loopback with the GPU engine (needs grpcio >= 1.85.1, protobuf 7).
 if [ "${GPU_CHECK_LOADTEST_S:-0}" -gt 0 ]; then
     ZOO=models/zoo; [ -f "$RESULTS_DIR/zoo/omniglot-5w1s.pt" ] && ZOO="$RESULTS_DIR/zoo"
