@@ -104,7 +104,9 @@ if [ "${GPU_CHECK_TRAIN_S:-0}" -gt 0 ]; then
     stage train "$GPU_CHECK_TRAIN_S" bash scripts/gpu_train.sh "$RESULTS_DIR"
 fi
 if [ -f kernels/gpu_selftest.py ]; then
-    stage gpu-selftest "$SELFTEST_S" "$PY" -m kernels.gpu_selftest --out "$RESULTS_DIR/selftest.json" \
+    SELFTEST_ENV=()  # the CPU rehearsal runs the self-test's tiny shapes under the Triton interpreter
+    [ "$DRY" = 1 ] && SELFTEST_ENV=(env FASTADAPT_SELFTEST_DEVICE=cpu TRITON_INTERPRET=1)
+    stage gpu-selftest "$SELFTEST_S" "${SELFTEST_ENV[@]}" "$PY" -m kernels.gpu_selftest --out "$RESULTS_DIR/selftest.json" \
         --precisions "${GPU_CHECK_PRECISIONS:-ieee,tf32x3}" $([ "$DRY" = 1 ] && echo --tiny)
 else
     echo "gpu-selftest absent 0" >> "$SUMMARY"
