@@ -6,7 +6,7 @@
 - `auto`: `triton` on CUDA, `reference` on the CPU.
 
 Serving adapts first-order (no graph through the steps is kept). All backends return the same results to the
-tolerance stated in tests/kernels.
+tolerance stated in tests/kernels, for any number of tasks: large batches run in task chunks (kernels.chunking).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from kernels.chunking import check_task_counts, default_budget, run_chunked, task_chunk
 from models.checkpoint import MetaModel
 from models.maml import AdaptResult
 from models.maml import adapt as reference_adapt
@@ -24,14 +25,31 @@ BACKENDS = ("auto", "reference", "graph", "triton")
 
 
 class ReferenceBackend:
+    """Torch autograd over the task-stacked forward; batches too large for one call run in task chunks
+    (kernels.chunking: the 32-bit index limit of GPU convolutions, and a memory budget)."""
+
     name = "reference"
 
+    def __init__(self, device: torch.device | str | None = None, budget_bytes: int | None = None):
+        self.budget_bytes = default_budget(device) if budget_bytes is None else int(budget_bytes)
+
     def adapt(self, model: MetaModel, support_x, support_y, steps: int, lr, track: bool) -> AdaptResult:
-        return reference_adapt(model.spec, model.params, support_x, support_y, steps, lr, track=track)
+        spec = model.spec
+        check_task_counts(support_x.shape[0], "support_x", support_y=support_y)
+        chunk = task_chunk(spec, support_x.shape[1], 0, spec.bn_policy, self.budget_bytes)
+        return run_chunked(support_x.shape[0], chunk, lambda s: reference_adapt(
+            spec, model.params, support_x[s], support_y[s], steps, lr, track=track))
 
     def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
+        spec = model.spec
+        check_task_counts(query_x.shape[0], "query_x", support_x=support_x, **{f"fast[{k!r}]": v for k, v in
+                                                                               fast.items()})
+        support = 0 if support_x is None else support_x.shape[1]
+        chunk = task_chunk(spec, support, query_x.shape[1], bn_policy or spec.bn_policy, self.budget_bytes)
         with torch.no_grad():
-            return reference_predict(model.spec, fast, query_x, support_x, bn_policy)
+            return run_chunked(query_x.shape[0], chunk, lambda s: reference_predict(
+                spec, {k: v[s] for k, v in fast.items()}, query_x[s], None if support_x is None else support_x[s],
+                bn_policy))
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -51,7 +69,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def make_backend(name: str, device: torch.device):
     if name == "reference":
-        return ReferenceBackend()
+        return ReferenceBackend(device)
     if name == "graph":
         from kernels.graph_backend import GraphBackend
 

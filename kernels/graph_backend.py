@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.chunking import check_task_counts, default_budget, run_chunked, task_chunk
 from models.checkpoint import MetaModel
 from models.maml import AdaptResult
 from models.maml import adapt as reference_adapt
@@ -143,8 +144,9 @@ class GraphBackend:
     name = "graph"
 
     def __init__(self, device: torch.device | str = "cuda", *, capture: bool | None = None,
-                 max_buckets: int = DEFAULT_MAX_BUCKETS):
+                 max_buckets: int = DEFAULT_MAX_BUCKETS, budget_bytes: int | None = None):
         self.device = torch.device(device)
+        self.budget_bytes = default_budget(self.device) if budget_bytes is None else int(budget_bytes)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.capture = self.device.type == "cuda" if capture is None else bool(capture)
@@ -220,6 +222,19 @@ class GraphBackend:
         return self._adapt_predict(model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast)
 
     def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
+        """Large batches run as task chunks (kernels.chunking), each chunk a bucket of its own."""
+        spec = model.spec
+        tasks = next(iter(fast.values())).shape[0]
+        self._check(model, "query_x", query_x, (tasks, None, *spec.input_shape), torch.float32)
+        check_task_counts(tasks, "the fast weights", support_x=support_x,
+                          **{f"fast[{k!r}]": v for k, v in fast.items()})
+        support = 0 if support_x is None else support_x.shape[1]
+        chunk = task_chunk(spec, support, query_x.shape[1], bn_policy or spec.bn_policy, self.budget_bytes)
+        return run_chunked(query_x.shape[0], chunk, lambda s: self._predict(
+            model, {k: v[s] for k, v in fast.items()}, query_x[s], None if support_x is None else support_x[s],
+            bn_policy))
+
+    def _predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
         spec = model.spec
         policy = bn_policy or spec.bn_policy
         needs_support = policy == "support" and spec.arch != "mlp-sinusoid"
@@ -245,6 +260,19 @@ class GraphBackend:
             return self._run_bucket(key, run, values, {}).clone()
 
     def _adapt_predict(self, model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast):
+        spec = model.spec
+        self._check(model, "support_x", support_x, (None, None, *spec.input_shape), torch.float32)
+        tasks = support_x.shape[0]
+        if query_x is not None:
+            self._check(model, "query_x", query_x, (tasks, None, *spec.input_shape), torch.float32)
+        check_task_counts(tasks, "support_x", support_y=support_y)
+        queries = 0 if query_x is None else query_x.shape[1]
+        chunk = task_chunk(spec, support_x.shape[1], queries, bn_policy or spec.bn_policy, self.budget_bytes)
+        take = lambda t, s: None if t is None else t[s]  # noqa: E731
+        return run_chunked(support_x.shape[0], chunk, lambda s: self._adapt_predict_chunk(
+            model, support_x[s], take(support_y, s), take(query_x, s), steps, lr, track, bn_policy, keep_fast))
+
+    def _adapt_predict_chunk(self, model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast):
         spec = model.spec
         self._check_meta(model)
         if steps < 0:
