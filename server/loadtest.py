@@ -99,6 +99,33 @@ async def run_level(address: str, requests: list, clients: int, warmup_s: float,
     }
 
 
+def in_process(levels: list[dict], model_dir: Path, name: str, device: str, backend: str, queries_per_class: int,
+               steps: int, seconds: float) -> None:
+    """Adds `in_process` to each level: the engine's tasks/s at that level's mean batch, through the server's own
+    BatchRunner (preprocessing and host copies included, gRPC and the batcher's queue not) and the ratio to it."""
+    from kernels.engine import Engine
+    from server.registry import ModelRegistry
+    from server.runner import BatchRunner
+    from server.warmup import WarmupPlan, warm_jobs
+
+    engine = Engine(backend, device)
+    model = ModelRegistry.from_dir(model_dir, device=engine.device).get(name)
+    runner = BatchRunner(engine)
+    for level in levels:
+        tasks = max(1, round(level["mean_batch_tasks"]))
+        jobs = warm_jobs(model, tasks, WarmupPlan((tasks,), 1, queries_per_class, steps))
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 1000):
+            t0 = time.perf_counter()
+            runner(jobs[0].key, jobs)  # returns host arrays: the device work is done
+            times.append(time.perf_counter() - t0)
+        call_s = float(np.median(times[1:]))  # the first call may compile or capture
+        tasks_per_s = tasks / call_s
+        level["in_process"] = {"tasks": tasks, "ms_per_call": call_s * 1e3, "tasks_per_s": tasks_per_s,
+                               "served_fraction": level["requests_per_s"] / tasks_per_s}
+
+
 def format_markdown(meta: dict, levels: list[dict]) -> str:
     lines = [
         f"# Load test: AdaptAndPredict on {meta['model']}",
@@ -109,15 +136,22 @@ def format_markdown(meta: dict, levels: list[dict]) -> str:
         f"host {meta['host']} ({meta['cpus']} CPUs, GPU {meta['gpu'] or 'none'}); torch {meta['torch']}."
         + (" Weights: FRESH INIT (untrained; the work is the same)." if meta["fresh_init"] else ""),
         "",
-        "| clients | requests | errors | requests/s | p50 ms | p90 ms | p99 ms | mean tasks per engine call |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clients | requests | errors | requests/s | p50 ms | p90 ms | p99 ms | mean tasks per engine call | "
+        "in-process tasks/s at that batch | served / in-process |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in levels:
         lat = r["latency_ms"]
+        ip = r.get("in_process")
+        own = f"{ip['tasks_per_s']:.1f} | {100 * ip['served_fraction']:.0f}%" if ip else "- | -"
         lines.append(
             f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.1f} | {lat['p50']:.1f} | "
-            f"{lat['p90']:.1f} | {lat['p99']:.1f} | {r['mean_batch_tasks']:.1f} |"
+            f"{lat['p90']:.1f} | {lat['p99']:.1f} | {r['mean_batch_tasks']:.1f} | {own} |"
         )
+    if any("in_process" in r for r in levels):
+        lines += ["", "In-process: the same batches through the server's BatchRunner in the load-test process after "
+                      "the server exited (no gRPC, no queueing); DESIGN asks served throughput within 2x of it "
+                      "(served / in-process >= 50%)."]
     return "\n".join(lines) + "\n"
 
 
@@ -140,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--backend", default="auto")
     p.add_argument("--server-arg", action="append", default=[], help="extra `python -m server` argument (repeat)")
+    p.add_argument("--in-process-s", type=float, default=3.0,
+                   help="seconds per level to time the same batches in-process, without gRPC (0: skip)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="fastadapt-loadtest-") as scratch:
@@ -173,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{result['mean_batch_tasks']:.1f}, errors {result['errors']}")
         finally:
             code = server.stop() if server is not None else 0
+        if server is not None and args.in_process_s > 0 and code == 0:
+            # The same batches without gRPC, in this process, on the same device and backend, after the server
+            # has exited: how close the served throughput comes to the engine's own (DESIGN: within 2x).
+            in_process(levels, model_dir, args.model, info["device"], info["backend"], args.queries_per_class,
+                       args.steps, args.in_process_s)
     meta = {
         "model": args.model, "ways": model["ways"], "queries": model["ways"] * args.queries_per_class,
         "steps": args.steps or model["default_steps"], "device": info["device"], "backend": info["backend"],

@@ -56,7 +56,8 @@ def test_loadtest_writes_table_and_json(tmp_path, capsys):
     empty.mkdir()
     out = tmp_path / "lt"
     code = loadtest.main(["--out", str(out), "--model-dir", str(empty), "--concurrency", "1", "4", "--duration",
-                          "0.5", "--warmup", "0.3", "--min-requests", "4", "--steps", "1", "--device", "cpu"])
+                          "0.5", "--warmup", "0.3", "--min-requests", "4", "--steps", "1", "--device", "cpu",
+                          "--in-process-s", "0.2"])
     assert code == 0, capsys.readouterr().out
     data = json.loads((out / "loadtest.json").read_text())
     assert [level["clients"] for level in data["levels"]] == [1, 4]
@@ -64,3 +65,8 @@ def test_loadtest_writes_table_and_json(tmp_path, capsys):
     assert data["meta"]["fresh_init"] and data["meta"]["server_exit_code"] == 0
     table = (out / "loadtest.md").read_text()
     assert "| clients | requests | errors | requests/s | p50 ms |" in table and "\n| 4 | " in table
+    for level in data["levels"]:  # the same batches in-process, without gRPC, for the served / in-process ratio
+        ip = level["in_process"]
+        assert ip["tasks"] == max(1, round(level["mean_batch_tasks"])) and ip["tasks_per_s"] > 0
+        assert ip["served_fraction"] == level["requests_per_s"] / ip["tasks_per_s"]
+    assert "served / in-process" in table
