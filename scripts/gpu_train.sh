@@ -2,6 +2,7 @@
 # GPU meta-training for the bundled models and the paper reproduction, each run capped in wall time.
 # Usage: scripts/gpu_train.sh RESULTS_DIR   (env: PY=python3, FASTADAPT_OMNIGLOT=<folder with the zips>,
 #        T5=seconds for omniglot-5w1s, T20=seconds for omniglot-20w1s, TP=seconds for the paper-split 5w1s run,
+#        TP20=seconds for the paper-split 20w1s run,
 #        RESUME_FROM=<folder of earlier run folders, e.g. an unpacked runs.tgz carried in .gpu/runs>)
 # Long schedules span sessions: each session's runs.tgz holds every run folder with its state.pt; unpack it into
 # .gpu/runs, carry .gpu, and the same command continues each run bit-for-bit with --resume.
@@ -35,6 +36,9 @@ run() {  # name seconds split zoo-file [extra trainer args]
 [ "${T5:-100}" -gt 0 ] && run omniglot-5w1s "${T5:-100}" background omniglot-5w1s.pt --bn-policy support
 [ "${T20:-0}" -gt 0 ] && run omniglot-20w1s "$T20" background omniglot-20w1s.pt --bn-policy support
 [ "${TP:-0}" -gt 0 ] && run omniglot-5w1s "$TP" paper ""
+# The 20-way paper reproduction; a run begun on the CPU continues here too (RESUME_FROM=.gpu/runs holding
+# omniglot-20w1s-paper/ with its state.pt: parameters and Adam state exactly, the task sampler re-seeded).
+[ "${TP20:-0}" -gt 0 ] && run omniglot-20w1s "$TP20" paper ""
 # Every run folder (with its state.pt, for the next session's --resume) as one archive: the device tool returns at
 # most 8 files.
 tar czf "$R/train/runs.tgz" --exclude=last.pt -C "$W" .

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -142,6 +143,10 @@ class Trainer:
         self.train_seconds = state.get("train_seconds", 0.0)
         self.learner.load_state_dict(state["learner"])
         self.samplers["train"].load_state_dict(state["sampler"])
+        if getattr(self.samplers["train"], "resumed_across_devices", False) and self.rank == 0:
+            print(f"NOTICE: {path} was saved on another kind of device: parameters and Adam state continue exactly, "
+                  "the task sampler is re-seeded (the run is no longer bit-for-bit the uninterrupted one)",
+                  file=sys.stderr)
 
     def meta_model(self, provenance: dict | None = None) -> MetaModel:
         lrs = self.learner.inner_lrs

@@ -111,6 +111,24 @@ def test_resume_from_state_dict_is_bit_exact(tmp_path):
         resumed.load_state_dict({"seed": 1})
 
 
+def test_a_state_from_another_kind_of_device_reseeds_deterministically():
+    """A CPU run continued on a GPU (or back): the generator state of the other device cannot be loaded, so the
+    sampler re-seeds from (seed, tasks sampled), says so, and two such resumes draw the same tasks."""
+    images = tagged_images()
+    first = TaskSampler(images, 5, 1, 5, rotate=True, seed=11)
+    first.sample(4)
+    state = first.state_dict()
+    assert not first.resumed_across_devices
+    foreign = {**state, "generator": torch.zeros(16, dtype=torch.uint8)}  # a CUDA (Philox) state's size
+    a, b = (TaskSampler(images, 5, 1, 5, rotate=True, seed=0) for _ in range(2))
+    for s in (a, b):
+        s.load_state_dict(foreign)
+        assert s.resumed_across_devices and s.seed == 11 and s.tasks_sampled == 4
+    got_a, got_b, uninterrupted = a.sample(6), b.sample(6), first.sample(6)
+    assert torch.equal(got_a.support_x, got_b.support_x) and torch.equal(got_a.classes, got_b.classes)
+    assert not torch.equal(got_a.classes, uninterrupted.classes)  # its own task stream, as the notice says
+
+
 @pytest.mark.parametrize("channels", [None, 3])
 def test_rotation_really_rotates(channels):
     images = tagged_images(channels)

@@ -51,6 +51,20 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert strip(log_a)[-1] == strip(log_b)[-1]
 
 
+def test_a_state_saved_on_another_kind_of_device_resumes_with_a_notice(tmp_path, capsys):
+    """A CPU run carried to a GPU session: parameters and Adam state continue exactly, the sampler re-seeds."""
+    first = Trainer(_cfg(tmp_path, iterations=5, hidden=8, meta_batch=4)).train()
+    path = first.dir / "state.pt"
+    state = torch.load(path, weights_only=True)
+    state["sampler"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator saves
+    torch.save(state, path)
+    resumed = Trainer(_cfg(tmp_path, iterations=8, hidden=8, meta_batch=4), resume=True)
+    assert "saved on another kind of device" in capsys.readouterr().err
+    for k, v in first.learner.params.items():
+        assert torch.equal(v, resumed.learner.params[k]), k
+    assert resumed.train().iteration == 8
+
+
 def test_final_evaluation_writes_results_plots_and_provenance(tmp_path):
     trainer = Trainer(_cfg(tmp_path, iterations=10, hidden=8, meta_batch=4)).train()
     result = final_evaluation(trainer)

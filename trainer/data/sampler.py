@@ -73,17 +73,27 @@ class GeneratorState:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.seed)
         self.tasks_sampled = 0
+        self.resumed_across_devices = False
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "seed": self.seed, "tasks_sampled": self.tasks_sampled}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores the generator bit for bit. A state saved on another kind of device (a CPU run continued on a GPU:
+        mt19937 vs Philox, states of different sizes) cannot be restored; the generator is then re-seeded from
+        (seed, tasks sampled so far), so the run goes on deterministically with a task stream of its own, and
+        `resumed_across_devices` says so."""
         missing = {"generator", "seed", "tasks_sampled"} - set(state)
         if missing:
             raise KeyError(f"sampler state lacks {sorted(missing)}, expected a dict from state_dict()")
-        self.generator.set_state(state["generator"].cpu())
         self.seed = int(state["seed"])
         self.tasks_sampled = int(state["tasks_sampled"])
+        saved = state["generator"].cpu()
+        self.resumed_across_devices = saved.numel() != self.generator.get_state().numel()
+        if self.resumed_across_devices:
+            self.generator.manual_seed((self.seed * 1_000_003 + self.tasks_sampled) % 2**63)
+        else:
+            self.generator.set_state(saved)
 
 
 class TaskSampler(GeneratorState):
