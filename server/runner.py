@@ -20,11 +20,19 @@ from kernels.engine import Engine
 from models.checkpoint import MetaModel
 from models.onnx_export import export_onnx
 from models.preprocess import preprocess_uint8
+from server.status import ResourceExhausted
 
 
 def needs_support_stats(model: MetaModel) -> bool:
     """Whether predict needs the support set: the 'support' BN policy on an architecture with batch norm."""
     return model.spec.bn_policy == "support" and model.spec.arch != "mlp-sinusoid"
+
+
+def _task_shape(job) -> str:
+    if isinstance(job, AdaptJob):
+        queries = 0 if job.query_x is None else job.query_x.shape[0]
+        return f"{job.support_x.shape[0]} support images, {queries} queries, {job.steps} steps"
+    return f"{job.query_x.shape[0]} queries"
 
 
 @dataclass
@@ -80,11 +88,24 @@ class BatchRunner:
         self.device = engine.device
 
     def __call__(self, key: Hashable, jobs: list) -> list:
-        if key[0] == "adapt":
-            return self.adapt(jobs)
-        if key[0] == "predict":
-            return self.predict(jobs)
-        raise ValueError(f"batch key {key!r} has an unknown kind, expected 'adapt' or 'predict'")
+        if key[0] not in ("adapt", "predict"):
+            raise ValueError(f"batch key {key!r} has an unknown kind, expected 'adapt' or 'predict'")
+        try:
+            return self.adapt(jobs) if key[0] == "adapt" else self.predict(jobs)
+        except torch.OutOfMemoryError as exc:
+            # A batch the device cannot hold is cut in halves (every task's result is independent of its
+            # batch-mates); one task that does not fit is refused with RESOURCE_EXHAUSTED, not INTERNAL.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(jobs) > 1:
+                half = len(jobs) // 2
+                return self(key, jobs[:half]) + self(key, jobs[half:])
+            job = jobs[0]
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ResourceExhausted(
+                f"the {self.device.type} device ran out of memory for one task of model {job.model.name!r} "
+                f"({_task_shape(job)}): {detail}; expected a smaller task (fewer support or query images)"
+            ) from exc
 
     def to_model_input(self, model: MetaModel, arrays: list[np.ndarray]) -> torch.Tensor:
         """Validated wire arrays (same shape) -> float32 [T, n, *input_shape] on the device, preprocessed."""

@@ -120,3 +120,29 @@ def test_cache_expires_idle_adaptations(make_server):
         with pytest.raises(grpc.RpcError) as err:
             client.export_adapted(a)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_device_out_of_memory_is_resource_exhausted_and_the_server_keeps_serving(make_server, monkeypatch):
+    import torch
+
+    from kernels.engine import Engine
+
+    real = Engine.adapt_predict
+
+    def tight(self, model, support_x, *args, **kwargs):  # a device that holds one task of at most 5 queries
+        if support_x.shape[0] > 1 or args[1].shape[1] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(self, model, support_x, *args, **kwargs)
+
+    server = make_server(warmup="none")
+    monkeypatch.setattr(Engine, "adapt_predict", tight)
+    spec = TINY_SPECS["tiny-5w"]
+    with FastAdaptClient(server.address, timeout=30) as client:
+        sx, sy, qx = random_task(spec, queries=9, seed=1)
+        with pytest.raises(grpc.RpcError) as err:
+            client.adapt_and_predict("tiny-5w", sx, sy, qx, keep=False)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ran out of memory for one task of model 'tiny-5w' (5 support images, 9 queries" in err.value.details()
+        sx, sy, qx = random_task(spec, queries=5, seed=2)
+        _, prediction = client.adapt_and_predict("tiny-5w", sx, sy, qx, keep=False)
+        assert prediction.logits.shape == (5, spec.ways)

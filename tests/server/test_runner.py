@@ -106,3 +106,41 @@ def test_fused_adapt_predict_is_used_when_every_task_has_the_same_queries(runner
     assert fused.engine.fused_calls == 1
     fused.adapt(jobs_for(model, 3, queries=(4, 5)))  # mixed query counts: adapt, then one predict per Q
     assert fused.engine.fused_calls == 1
+
+
+class _SmallDevice(Engine):
+    """The real reference engine on a 'device' that holds at most `capacity` tasks per call (like a GPU under
+    memory pressure): larger calls raise torch's OutOfMemoryError, as CUDA would."""
+
+    def __init__(self, capacity: int):
+        super().__init__("reference", "cpu")
+        self.capacity, self.calls = capacity, []
+
+    def adapt_predict(self, model, support_x, *args, **kwargs):
+        self.calls.append(support_x.shape[0])
+        if support_x.shape[0] > self.capacity:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().adapt_predict(model, support_x, *args, **kwargs)
+
+
+def test_a_batch_the_device_cannot_hold_is_split_and_nothing_is_lost():
+    model = model_for("tiny-5w")
+    jobs = jobs_for(model, 5)
+    small = BatchRunner(_SmallDevice(capacity=2))
+    got = small(jobs[0].key, jobs)
+    assert small.engine.calls == [5, 2, 3, 1, 2]  # 5 -> 2 + 3 -> 2 + (1 + 2)
+    want = BatchRunner(Engine("reference", "cpu"))(jobs[0].key, jobs)
+    assert len(got) == 5
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.logits, w.logits, **TOL)
+        np.testing.assert_allclose(g.support_loss, w.support_loss, **TOL)
+
+
+def test_one_task_the_device_cannot_hold_is_resource_exhausted():
+    from server.status import ResourceExhausted
+
+    model = model_for("tiny-5w")
+    jobs = jobs_for(model, 1, queries=(7,))
+    with pytest.raises(ResourceExhausted, match=r"ran out of memory for one task of model 'tiny-5w' \(5 support "
+                                                r"images, 7 queries, 2 steps\): CUDA out of memory"):
+        BatchRunner(_SmallDevice(capacity=0))(jobs[0].key, jobs)
