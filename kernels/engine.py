@@ -95,6 +95,12 @@ class Engine:
         self.backend_name = resolve_backend(backend, self.device)
         self.backend = make_backend(self.backend_name, self.device)
 
+    def capture_failures(self) -> list[str]:
+        """Why CUDA-graph captures failed (those buckets run eagerly: right results, launch-bound speed)."""
+        backend = self.backend
+        failures = [b.capture_error for b in getattr(backend, "buckets", {}).values() if b.capture_error]
+        return failures + list(getattr(backend, "_uncapturable", {}).values())
+
     def adapt(self, model: MetaModel, support_x, support_y, steps: int | None = None, lr=None, track: bool = True):
         steps = model.spec.steps if steps is None else steps
         return self.backend.adapt(model, support_x, support_y, steps, model.inner_lr(lr), track)

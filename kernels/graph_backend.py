@@ -18,6 +18,7 @@ buffers, so the bucketing and buffer logic is tested without CUDA.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from models.maml import predict as reference_predict
 from models.spec import ModelSpec
 
 WARMUP_ITERS = 3
+log = logging.getLogger(__name__)
 DEFAULT_MAX_BUCKETS = 16
 
 
@@ -80,14 +82,23 @@ class _Bucket:
     def __init__(self, device: torch.device, fn: Callable, inputs: dict[str, torch.Tensor], capture: bool):
         self.device, self.fn, self.inputs, self.capture = device, fn, inputs, capture
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_error: str | None = None  # why this bucket runs eagerly although capture was asked for
         self.outputs = None
         self._meta_src: list[torch.Tensor] = []
         self._meta_versions: list[int] = []
 
     def build(self) -> None:
-        if not self.capture:
-            self.outputs = self.fn(self.inputs)
-            return
+        if self.capture:
+            try:
+                self._capture()
+                return
+            except Exception as exc:  # the bucket still works, eagerly: a failed capture must not fail requests
+                self.capture_error = f"{type(exc).__name__}: {exc}"
+                self.graph = None
+                log.warning("CUDA-graph capture failed, this bucket runs eagerly: %s", self.capture_error)
+        self.outputs = self.fn(self.inputs)
+
+    def _capture(self) -> None:
         # Warm up on a side stream: cuDNN autotuning, lazy inits and allocator growth must not land in the graph.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -94,6 +94,7 @@ class TritonBackend:
         self.check_labels = check_labels
         self._meta_cache: dict[int, tuple[dict, tuple, dict]] = {}  # id(params) -> (params, tensors, checked)
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._uncapturable: dict[tuple, str] = {}  # bucket key -> why its capture failed (then launched eagerly)
         self._lock = threading.Lock()
         self._noted_fallback: set[str] = set()
 
@@ -270,6 +271,8 @@ class TritonBackend:
             (k, v.data_ptr()) for k, v in lr.items())
         key = (model.spec, tuple((k, v.data_ptr()) for k, v in meta.items()), lr_key, padded, support, queries,
                steps, track, policy if queries else None, self.precision)
+        if key in self._uncapturable:  # its capture failed once: launch eagerly, as without graphs
+            return self._launch(model, meta, lr, sx, sy, qx, steps, track, policy, chunk)
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
@@ -279,22 +282,30 @@ class TritonBackend:
                 while self._graphs and (len(self._graphs) >= self.max_graphs or nbytes + sum(
                         e.nbytes for e in self._graphs.values()) > 2 * self.workspace_bytes):
                     self._graphs.popitem(last=False)
-                entry = self._capture(model, meta, lr, padded, support, queries, steps, track, policy, nbytes)
-                self._graphs[key] = entry
-            self._graphs.move_to_end(key)
-            p = entry.program
-            p.support_x[:n].copy_(sx)
-            p.support_y[:n].copy_(sy)
-            if qx is not None:
-                p.query_x[:n].copy_(qx)
-            entry.graph.replay()
-            blob = p.final_blob.clone()
-            fast = {k: v[:n] for k, v in p._views(blob, param_shapes(model.spec)).items()}
-            # clone, never .contiguous(): a slice that is already contiguous would alias the graph's buffers
-            copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
-            loss = copy(p.loss[:, :n]) if track else None
-            acc = copy(p.accuracy[:, :n]) if track else None
-            logits = copy(p.logits[:n]) if queries else None
+                try:
+                    entry = self._capture(model, meta, lr, padded, support, queries, steps, track, policy, nbytes)
+                except Exception as exc:  # a failed capture must not fail requests: this bucket launches eagerly
+                    self._uncapturable[key] = f"{type(exc).__name__}: {exc}"
+                    log.warning("CUDA-graph capture failed, this bucket launches eagerly: %s", self._uncapturable[key])
+                else:
+                    self._graphs[key] = entry
+            if entry is not None:
+                self._graphs.move_to_end(key)
+                p = entry.program
+                p.support_x[:n].copy_(sx)
+                p.support_y[:n].copy_(sy)
+                if qx is not None:
+                    p.query_x[:n].copy_(qx)
+                entry.graph.replay()
+                blob = p.final_blob.clone()
+                fast = {k: v[:n] for k, v in p._views(blob, param_shapes(model.spec)).items()}
+                # clone, never .contiguous(): a slice that is already contiguous would alias the graph's buffers
+                copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+                loss = copy(p.loss[:, :n]) if track else None
+                acc = copy(p.accuracy[:, :n]) if track else None
+                logits = copy(p.logits[:n]) if queries else None
+        if entry is None:
+            return self._launch(model, meta, lr, sx, sy, qx, steps, track, policy, chunk)
         return AdaptResult(fast, loss, acc), logits
 
     def _capture(self, model, meta, lr, tasks, support, queries, steps, track, policy, nbytes) -> _Captured:

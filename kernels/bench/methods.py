@@ -67,9 +67,13 @@ def engine_method(backend: str, precision: str | None = None) -> Method:
             if fused is not None:  # fast weights are returned too (a server keeps them), as adapt + predict would
                 _, logits = fused(model, case.support_x, case.support_y, case.query_x, case.steps, case.lr,
                                   track=False, bn_policy=case.bn_policy)
-                return logits
-            fast = engine.adapt(model, case.support_x, case.support_y, case.steps, case.lr, track=False)
-            return engine.predict(model, fast.params, case.query_x, case.support_x, case.bn_policy)
+            else:
+                fast = engine.adapt(model, case.support_x, case.support_y, case.steps, case.lr, track=False)
+                logits = engine.predict(model, fast.params, case.query_x, case.support_x, case.bn_policy)
+            failures = engine.capture_failures()
+            if failures:  # the backend fell back to eager launches: not the method this row claims to time
+                raise RuntimeError(f"CUDA-graph capture failed, the backend ran eagerly: {failures[0]}")
+            return logits
 
         return call
 

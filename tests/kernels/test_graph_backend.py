@@ -153,6 +153,20 @@ def test_capture_without_cuda_is_refused():
         GraphBackend("cpu", capture=True)
 
 
+def test_a_bucket_whose_capture_fails_runs_eagerly_and_stays_correct(caplog):
+    """Asking for capture where it cannot work (here: no CUDA at all) must cost speed, not requests."""
+    backend, model = GraphBackend("cpu", capture=False), make_model()
+    backend.capture = True  # as on a GPU: every new bucket tries a CUDA graph first
+    sx, sy, qx = make_tasks(2, seed=3)
+    with caplog.at_level("WARNING", logger="kernels.graph_backend"):
+        for _ in range(2):  # built once (capture fails, eager bucket), then reused
+            res, logits = backend.adapt_predict(model, sx, sy, qx, 2, 0.4)
+            assert_matches_reference(res, logits, model, sx, sy, qx, 2, 0.4)
+    (bucket,) = backend.buckets.values()
+    assert bucket.graph is None and bucket.capture_error and backend.captures == 1
+    assert "CUDA-graph capture failed, this bucket runs eagerly" in caplog.text
+
+
 # -- real CUDA graphs -------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", [SPEC, ModelSpec("mini", "conv4-miniimagenet", ways=5, inner_lr=0.01, steps=3,
@@ -188,3 +202,60 @@ def test_graph_replay_tracks_new_lr_and_meta_sgd_on_cuda():
         for k in want.params:
             torch.testing.assert_close(got.params[k], want.params[k], atol=1e-5, rtol=1e-5, msg=f"{k}, lr {lr}")
     assert backend.captures == 2  # scalar lr (two values) and Meta-SGD rates
+
+
+@pytest.mark.gpu
+def test_after_a_failed_capture_on_cuda_the_eager_fallback_is_right(monkeypatch):
+    """A capture that fails on the GPU (a host sync inside it, the failure the H200 showed) leaves the bucket eager
+    and its results equal the reference's: the failed capture does not poison what runs after it."""
+    from kernels import graph_backend
+
+    real = graph_backend._Bucket._capture
+
+    def sync_inside(self):
+        fn = self.fn
+        self.fn = lambda inputs: (torch.zeros(1, device="cuda").item(), fn(inputs))[1]  # illegal while capturing
+        try:
+            real(self)
+        finally:
+            self.fn = fn
+
+    monkeypatch.setattr(graph_backend._Bucket, "_capture", sync_inside)
+    model = make_model(device="cuda")
+    backend = Engine("graph", "cuda").backend
+    sx, sy, qx = make_tasks(3, seed=7, device="cuda")
+    res, logits = backend.adapt_predict(model, sx, sy, qx, 2, 0.4)
+    assert all(b.graph is None and b.capture_error for b in backend.buckets.values())
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        assert_matches_reference(res, logits, model, sx, sy, qx, 2, 0.4, atol=1e-4)
+
+
+def test_engine_reports_capture_failures_and_the_bench_refuses_to_time_them(monkeypatch):
+    from kernels.bench import CONFIGS
+    from kernels.bench.configs import make_case
+    from kernels.bench.configs import make_model as bench_model
+    from kernels.bench.methods import engine_method
+
+    engine = Engine("reference", "cpu")
+    engine.backend = GraphBackend("cpu", capture=False)
+    assert engine.capture_failures() == []
+    engine.backend.capture = True  # capture cannot work here: the bucket falls back to eager
+    sx, sy, qx = make_tasks(1, seed=4)
+    engine.adapt_predict(make_model(), sx, sy, qx, 1, 0.4)
+    assert len(engine.capture_failures()) == 1
+    config = CONFIGS["tiny"]
+    case = make_case(config, bench_model(config, torch.device("cpu")), 1, torch.device("cpu"))
+    method = engine_method("graph")
+
+    def forced(backend, device, precision=None):  # the bench's graph engine, on a box where capture fails
+        e = Engine("reference", "cpu")
+        e.backend = GraphBackend("cpu", capture=False)
+        e.backend.capture = True
+        return e
+
+    import kernels.bench.methods as methods
+
+    monkeypatch.setattr(methods, "_engine", forced)
+    call = method.make(case)
+    with pytest.raises(RuntimeError, match="CUDA-graph capture failed, the backend ran eagerly"):
+        call()

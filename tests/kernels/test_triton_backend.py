@@ -175,6 +175,29 @@ def test_task_chunks_give_the_same_result(tiny):
     torch.testing.assert_close(chunked_predict, whole_logits, rtol=RTOL, atol=ATOL)
 
 
+def test_a_bucket_whose_capture_fails_launches_eagerly(tiny, monkeypatch, caplog):
+    """The triton backend with graphs on, where capture fails: the request still gets the right answer, and the
+    bucket is not captured again on the next call."""
+    attempts = []
+
+    def broken(self, program):
+        attempts.append(program.tasks)
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(TritonBackend, "_record", broken)
+    model, sx, sy, qx = tiny
+    backend = TritonBackend(DEV)
+    backend.use_graphs = True
+    whole, whole_logits = TritonBackend(DEV, use_graphs=False).adapt_predict(model, sx, sy, qx, steps=1, track=True)
+    with caplog.at_level("WARNING", logger="kernels.triton_backend"):
+        for _ in range(2):
+            got, logits = backend.adapt_predict(model, sx, sy, qx, steps=1, track=True)
+            _assert_params_close(got.params, whole.params, "fast weights after a failed capture")
+            torch.testing.assert_close(logits, whole_logits)
+    assert attempts == [3] and not backend._graphs and len(backend._uncapturable) == 1
+    assert "this bucket launches eagerly" in caplog.text
+
+
 class _Relaunch:
     """Stands in for a CUDA graph on the CPU: replay() re-runs every launch on the program's static buffers."""
 
