@@ -95,10 +95,19 @@ def _batch_stats(h: torch.Tensor, dims: tuple[int, ...], stat_rows: int | None):
     return mean, var
 
 
-def _conv_bn_relu(h, w, b, gamma, beta, stride, stat_rows):
+def _conv_bn_relu(h, w, b, gamma, beta, stride, stat_rows, double_backward=False):
     """h: [B, T*Cin, H, W] (tasks folded into channels) -> [B, T*Cout, H', W']."""
     tasks, c_out = w.shape[0], w.shape[1]
     h = F.conv2d(h, w.reshape(tasks * c_out, *w.shape[2:]), b.reshape(-1), stride=stride, padding=1, groups=tasks)
+    if double_backward and h.device.type == "cpu":
+        # Second-order MAML differentiates this graph twice. Batch norm folded into one scale and shift per channel
+        # is the same function (float64: equal to 1e-14) with a cheaper double backward than the library's fused
+        # batch norm on the CPU (second-order 20-way meta-iteration: 2.65 -> 2.35 s, 1 thread); a single backward
+        # (serving) is 20% faster with the library's, which stays the default, and on CUDA until measured there.
+        src = h if stat_rows is None else h[:stat_rows]
+        var, mean = torch.var_mean(src, dim=(0, 2, 3), keepdim=True, correction=0)
+        scale = gamma.reshape(1, -1, 1, 1) * torch.rsqrt(var + BN_EPS)
+        return F.relu(h * scale + (beta.reshape(1, -1, 1, 1) - mean * scale))
     if stat_rows is None:
         # All rows share statistics: the fused library batch norm (per task x channel over B, H, W).
         h = F.batch_norm(h, None, None, gamma.reshape(-1), beta.reshape(-1), training=True, eps=BN_EPS)
@@ -111,14 +120,14 @@ def _conv_bn_relu(h, w, b, gamma, beta, stride, stat_rows):
     return F.relu(h)
 
 
-def _forward_conv4(spec: ModelSpec, params, x, stat_rows):
+def _forward_conv4(spec: ModelSpec, params, x, stat_rows, double_backward=False):
     tasks, batch = x.shape[:2]
     h = x.transpose(0, 1).reshape(batch, tasks * x.shape[2], *x.shape[3:])
     omniglot = spec.arch == "conv4-omniglot"
     for i in range(4):
         h = _conv_bn_relu(
             h, params[f"conv{i}.weight"], params[f"conv{i}.bias"], params[f"bn{i}.weight"], params[f"bn{i}.bias"],
-            2 if omniglot else 1, stat_rows,
+            2 if omniglot else 1, stat_rows, double_backward,
         )
         if not omniglot:
             h = F.max_pool2d(h, 2)
@@ -147,10 +156,13 @@ def _forward_mlp(spec: ModelSpec, params, x, stat_rows):
     return torch.baddbmm(params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2))
 
 
-def forward(spec: ModelSpec, params: dict[str, torch.Tensor], x: torch.Tensor, stat_rows: int | None = None):
+def forward(spec: ModelSpec, params: dict[str, torch.Tensor], x: torch.Tensor, stat_rows: int | None = None,
+            double_backward: bool = False):
     """Logits (or regression outputs) [T, B, ways] for inputs x [T, B, *input_shape] and task-stacked params.
 
     stat_rows: batch-norm statistics from the first `stat_rows` examples of each task only (None: all of them).
+    double_backward: the caller will differentiate the graph twice (second-order inner steps); picks the batch-norm
+    formulation that is cheaper to differentiate twice. Same values either way.
     """
     if x.dim() != 2 + len(spec.input_shape) or tuple(x.shape[2:]) != spec.input_shape:
         raise ValueError(
@@ -158,5 +170,5 @@ def forward(spec: ModelSpec, params: dict[str, torch.Tensor], x: torch.Tensor, s
             f"for model {spec.name}"
         )
     if spec.arch.startswith("conv4"):
-        return _forward_conv4(spec, params, x, stat_rows)
+        return _forward_conv4(spec, params, x, stat_rows, double_backward)
     return _forward_mlp(spec, params, x, stat_rows)

@@ -72,7 +72,7 @@ def adapt(
     losses, accs = [], []
     with torch.enable_grad():
         for _ in range(steps):
-            out = forward(spec, fast, support_x)
+            out = forward(spec, fast, support_x, double_backward=second_order)
             per_task = task_losses(spec, out, support_y, shots)
             if track:
                 losses.append(per_task.detach())

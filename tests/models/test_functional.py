@@ -100,3 +100,27 @@ def test_support_policy_isolates_queries_and_transductive_does_not():
     torch.testing.assert_close(support_logits(queries)[:, 0], support_logits(other)[:, 0], atol=1e-6, rtol=0)
     diff = (forward(spec, params, queries)[:, 0] - forward(spec, params, other)[:, 0]).abs().max()
     assert diff > 1e-3, "transductive batch norm should let the other queries change the first one's logits"
+
+
+@pytest.mark.parametrize("stat_rows", [None, 3])
+def test_double_backward_formulation_is_the_same_function_to_second_order(stat_rows):
+    """The folded batch norm used under second-order MAML: same values, gradients and gradients of gradients as
+    the library's batch norm, in float64."""
+    spec = ModelSpec("t", "conv4-omniglot", ways=3, inner_lr=0.4, steps=1, hidden=6, input_shape=(1, 9, 9))
+    g = torch.Generator().manual_seed(2)
+    base = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64)
+            for k, v in stack_params(init_params(spec, g), 2).items()}
+    x = torch.rand(2, 6, 1, 9, 9, generator=g, dtype=torch.float64)
+    results = []
+    for double_backward in (False, True):
+        params = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        out = forward(spec, params, x, stat_rows, double_backward=double_backward)
+        grads = torch.autograd.grad((out ** 2).sum(), list(params.values()), create_graph=True)
+        second = torch.autograd.grad(sum((gr ** 2).sum() for gr in grads), list(params.values()))
+        results.append((out, grads, second))
+    (out_a, grads_a, second_a), (out_b, grads_b, second_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=1e-12, atol=1e-12)
+    scale = max(float(t.abs().max()) for t in grads_a + second_a)
+    for a, b in zip(grads_a + second_a, grads_b + second_b, strict=True):  # conv-bias entries are ~0: atol by scale
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11 * scale)
+    assert max(float(s.abs().max()) for s in second_a) > 1e-3  # the second derivatives are not trivially zero
