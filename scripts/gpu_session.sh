@@ -7,6 +7,15 @@
 # Knobs (seconds): GPU_CHECK_TOTAL_S (385) GPU_CHECK_TRAIN_S (0: no training; T5 / T20 / TP per run, see
 # gpu_train.sh) GPU_CHECK_SELFTEST_S GPU_CHECK_BENCH_BUDGET_S GPU_CHECK_PYTEST_S GPU_CHECK_LOADTEST_S.
 # Long training continues across sessions: carry a run folder back and pass `--resume` (scripts/gpu_train.sh).
+#
+# Runbook (one device call of ~9.5 min inside a 15-minute lease), from the repository root here:
+#   mkdir -p .gpu/omniglot .gpu/runs && cp ../shared/data/omniglot/*.zip .gpu/omniglot/
+#   cp -r runs/omniglot-20w1s-paper-cpu .gpu/runs/omniglot-20w1s-paper    # a CPU run to continue (optional)
+#   (wheels: see the device README; keep .gpu/triton-cache.tgz from the last session's $OUT)
+#   device run, carry [".gpu", ".whl"], timeout_s 590:
+#     GPU_CHECK_TOTAL_S=560 GPU_CHECK_TRAIN_S=200 SKIP_THROUGHPUT=1 T5=0 TP20=150 RESUME_FROM=.gpu/runs \
+#     bash scripts/gpu_session.sh "$OUT"
+#   then copy $OUT/triton-cache.tgz to .gpu/, unpack $OUT/results.tgz, and give the machine back.
 set -u
 OUT=${1:?usage: scripts/gpu_session.sh OUT}
 if ls .whl/*.whl >/dev/null 2>&1; then
