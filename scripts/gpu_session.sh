@@ -13,7 +13,7 @@
 #   cp -r runs/omniglot-20w1s-paper-cpu .gpu/runs/omniglot-20w1s-paper    # a CPU run to continue (optional)
 #   (wheels: see the device README; keep .gpu/triton-cache.tgz from the last session's $OUT)
 #   device run, carry [".gpu", ".whl"], timeout_s 590:
-#     GPU_CHECK_TOTAL_S=560 GPU_CHECK_TRAIN_S=200 SKIP_THROUGHPUT=1 T5=0 TP20=150 RESUME_FROM=.gpu/runs \
+#     GPU_CHECK_TOTAL_S=560 GPU_CHECK_TRAIN_S=240 SKIP_THROUGHPUT=1 T5=0 TP20=170 RESUME_FROM=.gpu/runs \
 #     bash scripts/gpu_session.sh "$OUT"
 #   then copy $OUT/triton-cache.tgz to .gpu/, unpack $OUT/results.tgz, and give the machine back.
 set -u
