@@ -92,6 +92,8 @@ class _Bucket:
             try:
                 self._capture()
                 return
+            except torch.OutOfMemoryError:
+                raise  # not a capture problem: the caller (server.runner) splits the batch and retries
             except Exception as exc:  # the bucket still works, eagerly: a failed capture must not fail requests
                 self.capture_error = f"{type(exc).__name__}: {exc}"
                 self.graph = None

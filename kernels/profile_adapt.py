@@ -91,10 +91,14 @@ def profile_rows(backend, case, calls: int) -> tuple[list[dict], float, str]:
 
 def eager_twin(backend):
     """The same backend without CUDA graphs (so the profiler sees each kernel), or the backend itself."""
-    if getattr(backend, "use_graphs", False):
+    if getattr(backend, "use_graphs", False):  # triton
         from kernels.triton_backend import TritonBackend
 
         return TritonBackend(backend.device, precision=backend.precision, use_graphs=False)
+    if getattr(backend, "capture", False):  # graph
+        from kernels.graph_backend import GraphBackend
+
+        return GraphBackend(backend.device, capture=False, budget_bytes=backend.budget_bytes)
     return backend
 
 

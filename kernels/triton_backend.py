@@ -284,7 +284,11 @@ class TritonBackend:
                     self._graphs.popitem(last=False)
                 try:
                     entry = self._capture(model, meta, lr, padded, support, queries, steps, track, policy, nbytes)
+                except torch.OutOfMemoryError:
+                    raise  # not a capture problem: the caller (server.runner) splits the batch and retries
                 except Exception as exc:  # a failed capture must not fail requests: this bucket launches eagerly
+                    while len(self._uncapturable) >= 256:  # bounded: lr values are part of the key
+                        self._uncapturable.pop(next(iter(self._uncapturable)))
                     self._uncapturable[key] = f"{type(exc).__name__}: {exc}"
                     log.warning("CUDA-graph capture failed, this bucket launches eagerly: %s", self._uncapturable[key])
                 else:

@@ -12,6 +12,7 @@ from server.app import ServerConfig, serve
 from server.batcher import WAIT_POLICIES
 from server.telemetry import configure, get_logger
 from server.validation import Limits
+from server.warmup import WarmupError
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         return asyncio.run(serve(config))
-    except (OSError, ValueError, NotImplementedError, RuntimeError) as exc:  # startup: folder, port, warm-up ...
+    except (OSError, ValueError, NotImplementedError, WarmupError) as exc:  # start-up: folder, port, warm-up ...
         get_logger().error("startup failed", extra={"error": f"{type(exc).__name__}: {exc}"})
         return 2
 

@@ -118,8 +118,11 @@ def in_process(levels: list[dict], model_dir: Path, name: str, device: str, back
         start = time.perf_counter()
         while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 1000):
             t0 = time.perf_counter()
-            runner(jobs[0].key, jobs)  # returns host arrays: the device work is done
+            outcomes = runner(jobs[0].key, jobs)  # returns host arrays: the device work is done
             times.append(time.perf_counter() - t0)
+            failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if failed is not None:
+                raise RuntimeError(f"in-process run of {tasks} tasks failed: {failed}")
         call_s = float(np.median(times[1:]))  # the first call may compile or capture
         tasks_per_s = tasks / call_s
         level["in_process"] = {"tasks": tasks, "ms_per_call": call_s * 1e3, "tasks_per_s": tasks_per_s,

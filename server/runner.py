@@ -88,24 +88,28 @@ class BatchRunner:
         self.device = engine.device
 
     def __call__(self, key: Hashable, jobs: list) -> list:
+        """One outcome per job, in order; an outcome may be an exception, which only that job's caller sees."""
         if key[0] not in ("adapt", "predict"):
             raise ValueError(f"batch key {key!r} has an unknown kind, expected 'adapt' or 'predict'")
+        detail = None
         try:
             return self.adapt(jobs) if key[0] == "adapt" else self.predict(jobs)
         except torch.OutOfMemoryError as exc:
-            # A batch the device cannot hold is cut in halves (every task's result is independent of its
-            # batch-mates); one task that does not fit is refused with RESOURCE_EXHAUSTED, not INTERNAL.
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(jobs) > 1:
-                half = len(jobs) // 2
-                return self(key, jobs[:half]) + self(key, jobs[half:])
-            job = jobs[0]
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ResourceExhausted(
-                f"the {self.device.type} device ran out of memory for one task of model {job.model.name!r} "
-                f"({_task_shape(job)}): {detail}; expected a smaller task (fewer support or query images)"
-            ) from exc
+        # Out of the except block first: its traceback holds the failed attempt's device tensors, which must be
+        # freed before a retry. A batch the device cannot hold is cut in halves (each task's result is independent
+        # of its batch-mates); one task that does not fit gets RESOURCE_EXHAUSTED as its own outcome, so its
+        # batch-mates still get theirs.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(jobs) > 1:
+            half = len(jobs) // 2
+            return self(key, jobs[:half]) + self(key, jobs[half:])
+        job = jobs[0]
+        return [ResourceExhausted(
+            f"the {self.device.type} device ran out of memory for one task of model {job.model.name!r} "
+            f"({_task_shape(job)}): {detail}; expected a smaller task (fewer support or query images)"
+        )]
 
     def to_model_input(self, model: MetaModel, arrays: list[np.ndarray]) -> torch.Tensor:
         """Validated wire arrays (same shape) -> float32 [T, n, *input_shape] on the device, preprocessed."""

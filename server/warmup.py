@@ -8,8 +8,10 @@ steady-state latency. Shapes: N ways x `shots` support images, N x `queries` que
 the model's default) at the model's default learning rate; `models` limits it to some models (default: all). The
 buckets a client with other shapes uses are built on first use, as before.
 
-`tasks`: "auto" (CUDA-graph backends: every bucket up to min(max_batch, 64); the CPU reference: T=1 only, to pay the
-first-call costs), "none", or a comma-separated list of task counts.
+`tasks`: "auto" (the Triton backend on CUDA: every task bucket 1, 2, 3, 4, 6, 8, ... up to min(max_batch, 64), which
+covers every batch size up to there since batches are padded to the next bucket; other backends: T=1 only, to pay
+the first-call costs: the `graph` backend captures per exact task count, so list the counts to warm), "none", or a
+comma-separated list of task counts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from server.telemetry import get_logger
 AUTO_MAX_TASKS = 64
 
 
+class WarmupError(RuntimeError):
+    """The warm-up could not run a planned batch: the server does not start (exit status 2, the reason logged)."""
+
+
 @dataclass(frozen=True)
 class WarmupPlan:
     tasks: tuple[int, ...]  # task counts per model, ascending
@@ -37,7 +43,7 @@ class WarmupPlan:
 
 
 def bucket_sizes(limit: int) -> list[int]:
-    """The task-count buckets of the graph backends (1, 2, 3, 4, 6, 8, 12, 16, ...) up to limit."""
+    """The task-count buckets of the Triton backend (1, 2, 3, 4, 6, 8, 12, 16, ...) up to limit."""
     from kernels.triton_backend import task_bucket
 
     sizes, n = [], 1
@@ -53,7 +59,7 @@ def parse_tasks(value: str, backend: str, device: str, max_batch: int) -> tuple[
     if text == "none":
         return ()
     if text == "auto":
-        if device == "cuda" and backend in ("triton", "graph"):
+        if device == "cuda" and backend == "triton":
             return tuple(bucket_sizes(min(max_batch, AUTO_MAX_TASKS)))
         return (1,)
     counts = []
@@ -125,10 +131,14 @@ async def warm_up(plan: WarmupPlan, registry: ModelRegistry, runner: BatchRunner
                 try:
                     outcomes = runner(jobs[0].key, jobs)
                 except Exception as exc:
-                    raise RuntimeError(f"warm-up of model {name!r} with {tasks} tasks failed: "
-                                       f"{type(exc).__name__}: {exc} (--warmup none skips the warm-up)") from exc
+                    raise WarmupError(f"warm-up of model {name!r} with {tasks} tasks failed: "
+                                      f"{type(exc).__name__}: {exc} (--warmup none skips the warm-up)") from exc
                 if len(outcomes) != tasks:
-                    raise RuntimeError(f"warm-up of model {name!r} with {tasks} tasks returned {len(outcomes)} results")
+                    raise WarmupError(f"warm-up of model {name!r} with {tasks} tasks returned {len(outcomes)} results")
+                failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+                if failed is not None:  # e.g. one task that does not fit in the device's memory
+                    raise WarmupError(f"warm-up of model {name!r} with {tasks} tasks failed: {failed} (--warmup "
+                                      "none skips the warm-up; smaller --warmup counts or queries may fit)")
                 report[name][tasks] = round(time.perf_counter() - start, 4)
         return report
 

@@ -85,6 +85,7 @@ def test_wrong_failing_and_unavailable_methods_are_recorded_not_raised(tmp_path)
     # a method's own tolerance (tf32) replaces the settings' one, and the record says which was used
     assert all(r["crosscheck"]["status"] == "pass" and r["crosscheck"]["atol"] == 0.5 for r in results["wrong-lr-wide"])
     assert all(r["crosscheck"]["max_abs_diff"] > 1e-4 for r in results["wrong-lr-wide"])
+    assert ", tol 0.5)" in (tmp_path / "bench.md").read_text()  # the table names the tolerance it was judged at
     assert all(r["status"] == "failed" and "IndexError: index 7" in r["error"] for r in results["broken"])
     assert all(r["status"] == "unavailable" and "absent-lib" in r["error"] for r in results["absent"])
     for r in results["reference"]:  # a peer that fails the cross-check is never the "best peer"

@@ -31,6 +31,18 @@ def test_bad_arguments_name_the_value(tmp_path, capsys, args, needle):
     assert exit_.value.code == 2 and needle in capsys.readouterr().err
 
 
+def test_the_profiled_twin_of_a_graph_backend_launches_eagerly():
+    from kernels.graph_backend import GraphBackend
+    from kernels.profile_adapt import eager_twin
+
+    eager = GraphBackend("cpu", capture=False, budget_bytes=123)
+    assert eager_twin(eager) is eager
+    capturing = GraphBackend("cpu", capture=False, budget_bytes=123)
+    capturing.capture = True  # as on a GPU
+    twin = eager_twin(capturing)
+    assert twin is not capturing and not twin.capture and twin.budget_bytes == 123
+
+
 def test_precision_is_refused_for_the_reference_backend(tmp_path):
     with pytest.raises(ValueError, match="--precision tf32 is a triton backend option"):
         main(["--config", "tiny", "--backend", "reference", "--device", "cpu", "--precision", "tf32",

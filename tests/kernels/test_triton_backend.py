@@ -198,6 +198,20 @@ def test_a_bucket_whose_capture_fails_launches_eagerly(tiny, monkeypatch, caplog
     assert "this bucket launches eagerly" in caplog.text
 
 
+def test_out_of_memory_during_capture_is_not_a_capture_failure(tiny, monkeypatch):
+    """The caller (server.runner) splits a batch the device cannot hold; the bucket must stay capturable."""
+    def no_memory(self, program):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(TritonBackend, "_record", no_memory)
+    model, sx, sy, qx = tiny
+    backend = TritonBackend(DEV)
+    backend.use_graphs = True
+    with pytest.raises(torch.OutOfMemoryError):
+        backend.adapt_predict(model, sx, sy, qx, steps=1, track=True)
+    assert not backend._uncapturable and not backend._graphs
+
+
 class _Relaunch:
     """Stands in for a CUDA graph on the CPU: replay() re-runs every launch on the program's static buffers."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -136,11 +138,30 @@ def test_a_batch_the_device_cannot_hold_is_split_and_nothing_is_lost():
         np.testing.assert_allclose(g.support_loss, w.support_loss, **TOL)
 
 
-def test_one_task_the_device_cannot_hold_is_resource_exhausted():
+class _FewQueries(_SmallDevice):
+    """Holds any number of tasks with at most 5 queries each; a task with more does not fit at all."""
+
+    def adapt_predict(self, model, support_x, support_y, query_x, *args, **kwargs):  # one query count per batch
+        self.calls.append(support_x.shape[0])
+        if query_x.shape[1] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return Engine.adapt_predict(self, model, support_x, support_y, query_x, *args, **kwargs)
+
+    def predict(self, model, fast, query_x, *args, **kwargs):  # mixed query counts: adapt, then predict per count
+        if query_x.shape[1] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return Engine.predict(self, model, fast, query_x, *args, **kwargs)
+
+
+def test_one_task_that_does_not_fit_fails_alone_and_its_batch_mates_get_their_results():
     from server.status import ResourceExhausted
 
     model = model_for("tiny-5w")
-    jobs = jobs_for(model, 1, queries=(7,))
-    with pytest.raises(ResourceExhausted, match=r"ran out of memory for one task of model 'tiny-5w' \(5 support "
-                                                r"images, 7 queries, 2 steps\): CUDA out of memory"):
-        BatchRunner(_SmallDevice(capacity=0))(jobs[0].key, jobs)
+    jobs = jobs_for(model, 4, queries=(3, 3, 3, 9))  # same batch key: the query count is not part of it
+    got = BatchRunner(_FewQueries(capacity=0))(jobs[0].key, jobs)
+    want = BatchRunner(Engine("reference", "cpu"))(jobs[0].key, jobs[:3])
+    assert isinstance(got[3], ResourceExhausted)
+    assert re.search(r"ran out of memory for one task of model 'tiny-5w' \(5 support images, 9 queries, 2 steps\): "
+                     r"CUDA out of memory", got[3].message)
+    for g, w in zip(got[:3], want, strict=True):
+        np.testing.assert_allclose(g.logits, w.logits, **TOL)

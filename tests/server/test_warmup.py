@@ -55,7 +55,8 @@ def test_warmup_does_not_change_what_clients_get(make_server):
 def test_auto_plan_covers_the_graph_buckets_on_cuda_and_one_task_on_the_cpu():
     assert bucket_sizes(64) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
     assert parse_tasks("auto", "triton", "cuda", 256) == tuple(bucket_sizes(64))
-    assert parse_tasks("auto", "graph", "cuda", 10) == (1, 2, 3, 4, 6, 8)  # never beyond max_batch
+    assert parse_tasks("auto", "triton", "cuda", 10) == (1, 2, 3, 4, 6, 8)  # never beyond max_batch
+    assert parse_tasks("auto", "graph", "cuda", 256) == (1,)  # exact-count buckets: the operator lists them
     assert parse_tasks("auto", "reference", "cpu", 256) == (1,)
     assert parse_tasks("auto", "reference", "cuda", 256) == (1,)
     assert parse_tasks(" None ", "triton", "cuda", 256) == ()
@@ -112,3 +113,16 @@ def test_a_warmup_larger_than_the_graph_cache_is_flagged():
     assert graph_capacity(GraphBackend("cpu")) is None  # the CPU captures nothing
     assert graph_capacity(TritonBackend("cpu")) is None  # the interpreter launches, no graphs
     assert graph_capacity(TritonBackend("cpu", use_graphs=False, max_graphs=5)) is None
+
+
+def test_a_warmup_the_device_cannot_hold_stops_start_up_with_the_reason(tiny_model_dir, monkeypatch, capsys):
+    import torch
+
+    def full(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(Engine, "adapt_predict", full)
+    code = main(["--model-dir", str(tiny_model_dir), "--port", "0", "--device", "cpu", "--warmup", "2"])
+    out = capsys.readouterr()
+    assert code == 2
+    assert "ran out of memory for one task" in out.out + out.err and "--warmup none" in out.out + out.err
