@@ -83,6 +83,7 @@ class _Bucket:
         self.device, self.fn, self.inputs, self.capture = device, fn, inputs, capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_error: str | None = None  # why this bucket runs eagerly although capture was asked for
+        self.nbytes = 0  # device memory it holds (set by GraphBackend when it is built)
         self.outputs = None
         self._meta_src: list[torch.Tensor] = []
         self._meta_versions: list[int] = []
@@ -157,9 +158,13 @@ class GraphBackend:
     name = "graph"
 
     def __init__(self, device: torch.device | str = "cuda", *, capture: bool | None = None,
-                 max_buckets: int = DEFAULT_MAX_BUCKETS, budget_bytes: int | None = None):
+                 max_buckets: int = DEFAULT_MAX_BUCKETS, budget_bytes: int | None = None,
+                 cache_bytes: int | None = None):
+        """budget_bytes: the most one call (task chunk) may use; cache_bytes: what all kept buckets may hold
+        together (default twice budget_bytes), least recently used evicted first."""
         self.device = torch.device(device)
         self.budget_bytes = default_budget(self.device) if budget_bytes is None else int(budget_bytes)
+        self.cache_bytes = 2 * self.budget_bytes if cache_bytes is None else int(cache_bytes)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.capture = self.device.type == "cuda" if capture is None else bool(capture)
@@ -177,15 +182,23 @@ class GraphBackend:
         """Find or build the bucket, copy this call's values into its static inputs, replay; returns the outputs."""
         bucket = self.buckets.get(key)
         if bucket is None:
+            cuda = self.device.type == "cuda"
+            before = torch.cuda.memory_allocated(self.device) if cuda else 0
             statics = {n: torch.empty(v.shape, dtype=v.dtype, device=self.device) for n, v in values.items()}
             statics.update({n: torch.empty(v.shape, dtype=v.dtype, device=self.device) for n, v in meta.items()})
             bucket = _Bucket(self.device, fn, statics, self.capture)
             bucket.load(values)  # warm-up and capture read real values, not uninitialised memory
             bucket.load_meta(meta)
             bucket.build()
+            # What the bucket keeps: its static buffers, outputs and (CUDA) the graph's memory pool.
+            bucket.nbytes = (torch.cuda.memory_allocated(self.device) - before if cuda else
+                             sum(t.numel() * t.element_size() for t in [*statics.values(), *_flatten(bucket.outputs)]))
             self.buckets[key] = bucket
             self.captures += 1
-            while len(self.buckets) > self.max_buckets:
+            # Least recently used go first: at most max_buckets, and together within cache_bytes (a 1,024-task
+            # bucket alone can hold a quarter of the GPU), never the bucket just built.
+            while len(self.buckets) > 1 and (len(self.buckets) > self.max_buckets or sum(
+                    b.nbytes for b in self.buckets.values()) > self.cache_bytes):
                 self.buckets.popitem(last=False)
         else:
             self.buckets.move_to_end(key)

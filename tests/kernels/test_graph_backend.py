@@ -259,3 +259,22 @@ def test_engine_reports_capture_failures_and_the_bench_refuses_to_time_them(monk
     call = method.make(case)
     with pytest.raises(RuntimeError, match="CUDA-graph capture failed, the backend ran eagerly"):
         call()
+
+
+def test_buckets_are_also_bounded_in_bytes():
+    """Large buckets (a 1,024-task chunk can hold a quarter of a GPU) are evicted by size, least recently used first,
+    but the bucket just built always stays."""
+    model = make_model()
+    probe = GraphBackend("cpu", capture=False)
+    probe.adapt(model, *make_tasks(2)[:2], 1, 0.4, False)
+    (two,) = probe.buckets.values()
+    assert two.nbytes > 0
+    backend = GraphBackend("cpu", capture=False, cache_bytes=2 * two.nbytes)  # room for ~2 such buckets in all
+    for t in (2, 1, 3):
+        backend.adapt(model, *make_tasks(t)[:2], 1, 0.4, False)
+    assert sum(b.nbytes for b in backend.buckets.values()) <= backend.cache_bytes
+    assert sorted(k.tasks for k in backend.buckets) == [1, 3]  # T=2 went: least recently used when T=3 came
+    tiny = GraphBackend("cpu", capture=False, cache_bytes=1)
+    res = tiny.adapt(model, *make_tasks(2)[:2], 1, 0.4, False)  # nothing fits: it still runs, and keeps one bucket
+    tiny.adapt(model, *make_tasks(1)[:2], 1, 0.4, False)
+    assert [k.tasks for k in tiny.buckets] == [1] and res.params
