@@ -7,6 +7,8 @@
 # Every stage runs even when an earlier one failed; each logs to RESULTS_DIR/<stage>.log (also on stdout) and adds
 # a line "stage rc seconds" to RESULTS_DIR/summary.txt. A global deadline keeps the whole script inside one device
 # call (the device tool stops a command at 600 s). Knobs (seconds, environment):
+#   GPU_CHECK_STAGES: comma-separated stages to run (train,gpu-selftest,bench,profile,pytest-gpu,loadtest; default:
+#   all that are enabled), so a lease can be split into calls.
 #   PY (python3)  GPU_CHECK_TOTAL_S (570)  GPU_CHECK_PYTEST_S (150)  GPU_CHECK_SELFTEST_S (90)
 #   GPU_CHECK_BENCH_BUDGET_S (240: the benchmark's own budget, it records the points it had no time for as skipped)
 #   GPU_CHECK_PROFILE_S (60: kernels.profile_adapt, per-kernel times at T=1 and 128)
@@ -44,6 +46,11 @@ remaining() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 stage() {
     local name=$1 limit=$2 left rc t0
     shift 2
+    if [ -n "${GPU_CHECK_STAGES:-}" ] && [ "$name" != environment ] && [[ ",$GPU_CHECK_STAGES," != *",$name,"* ]]; then
+        echo "== $name: not selected (GPU_CHECK_STAGES=$GPU_CHECK_STAGES)"
+        echo "$name unselected 0" >> "$SUMMARY"
+        return 0
+    fi
     left=$(( $(remaining) - 5 ))
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 10 ]; then

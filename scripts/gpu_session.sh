@@ -12,10 +12,14 @@
 #   mkdir -p .gpu/omniglot .gpu/runs && cp ../shared/data/omniglot/*.zip .gpu/omniglot/
 #   cp -r runs/omniglot-20w1s-paper-cpu .gpu/runs/omniglot-20w1s-paper    # a CPU run to continue (optional)
 #   (wheels: see the device README; keep .gpu/triton-cache.tgz from the last session's $OUT)
-#   device run, carry [".gpu", ".whl"], timeout_s 590:
-#     GPU_CHECK_TOTAL_S=560 GPU_CHECK_TRAIN_S=240 SKIP_THROUGHPUT=1 T5=0 TP20=170 RESUME_FROM=.gpu/runs \
+#   call 1, carry [".gpu", ".whl"], timeout_s 480 (kernels: self-test, bench, profile, GPU tests):
+#     GPU_CHECK_STAGES=gpu-selftest,bench,profile,pytest-gpu GPU_CHECK_TOTAL_S=450 GPU_CHECK_PYTEST_S=150 \
 #     bash scripts/gpu_session.sh "$OUT"
-#   then copy $OUT/triton-cache.tgz to .gpu/, unpack $OUT/results.tgz, and give the machine back.
+#   save $OUT (results.tgz, triton-cache.tgz) at once, then call 2 on the still-warm machine, timeout_s 330:
+#     GPU_CHECK_STAGES=train,loadtest GPU_CHECK_TOTAL_S=310 GPU_CHECK_TRAIN_S=200 SKIP_THROUGHPUT=1 T5=0 TP20=140 \
+#     RESUME_FROM=.gpu/runs bash scripts/gpu_session.sh "$OUT"
+#   then copy triton-cache.tgz to .gpu/, unpack results.tgz (runs.tgz inside holds the run to resume next time),
+#   and give the machine back.
 set -u
 OUT=${1:?usage: scripts/gpu_session.sh OUT}
 if ls .whl/*.whl >/dev/null 2>&1; then
