@@ -96,6 +96,9 @@ def _rank_worker(rank, world, port, out_path):
     if rank == 0:
         torch.save({"params": {k: v.detach() for k, v in m.params.items()},
                     "grads": {k: v.grad for k, v in m.params.items()}}, out_path)
+    # Both ranks leave together: a rank that tears gloo down while its peer is still busy can make the peer abort
+    # (seen once: SIGABRT in rank 1 while rank 0 was saving).
+    dist.barrier()
     dist.destroy_process_group()
 
 
