@@ -50,6 +50,20 @@ def _dz_tile(dy_ptr, z_ptr, off, m, mean, rstd, gscale, mdy, mdyx):
 
 
 @triton.jit
+def _dz_rows(r0, rows, hwo, WO, dy_task, z_task, co, comask, mean, rstd, gs, mdy, mdyx, COUT: tl.constexpr,
+             BLOCK_R: tl.constexpr):
+    """Output rows r0 .. r0 + BLOCK_R of one task's `rows` (images x hwo positions): (row mask, image, output row,
+    output column, dz tile [BLOCK_R, BLOCK_CO])."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    rmask = r < rows
+    dz = _dz_tile(
+        dy_task, z_task, r[:, None] * COUT + co[None, :], rmask[:, None] & comask[None, :],
+        mean[None, :], rstd[None, :], gs[None, :], mdy[None, :], mdyx[None, :],
+    )
+    return rmask, r // hwo, (r % hwo) // WO, r % WO, dz
+
+
+@triton.jit
 def _dx_tap(acc, dy_task, z_task, w_task, b, oh, ow, valid, co, comask, ci, cimask, tap, mean, rstd, gs, mdy, mdyx,
             HO, WO, CIN: tl.constexpr, COUT: tl.constexpr, PRECISION: tl.constexpr):
     """acc += dz[rows through `tap`] @ W[tap]^T for one Cout block."""
@@ -155,7 +169,7 @@ def _conv_dx_program(
 @triton.jit
 def _sgd_bias_bn(
     t, co, comask, bsum_ptr, b_ptr, gamma_ptr, beta_ptr, b_st, gb_st, b_new_ptr, gamma_new_ptr, beta_new_ptr,
-    lr_b_ptr, lr_g_ptr, lr_be_ptr, lr, COUT: tl.constexpr, LR_MODE: tl.constexpr,
+    lr_g_ptr, lr_be_ptr, lr, COUT: tl.constexpr, LR_MODE: tl.constexpr,
 ):
     """bias unchanged (its gradient is exactly 0, see the module docstring); gamma -= lr * sum(dy * xhat);
     beta -= lr * sum(dy)."""
@@ -180,7 +194,7 @@ def _conv_dw_program(
     pid_k, pid_c, t, x_ptr, in_stat_ptr, in_gamma_ptr, in_beta_ptr, in_gb_st, in_count,
     dy_ptr, z_ptr, stat_ptr, bsum_ptr, count,
     w_ptr, b_ptr, gamma_ptr, beta_ptr, w_st, b_st, gb_st,
-    w_new_ptr, b_new_ptr, gamma_new_ptr, beta_new_ptr, lr_w_ptr, lr_b_ptr, lr_g_ptr, lr_be_ptr, lr,
+    w_new_ptr, b_new_ptr, gamma_new_ptr, beta_new_ptr, lr_w_ptr, lr_g_ptr, lr_be_ptr, lr,
     B, H_IN, W_IN, HZ, WZ, HO, WO,
     CIN: tl.constexpr, COUT: tl.constexpr, STRIDE: tl.constexpr, IN_MODE: tl.constexpr, LR_MODE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, TAPS_PAD: tl.constexpr,
@@ -206,15 +220,8 @@ def _conv_dw_program(
         x_task = x_ptr + t * B * CIN * H_IN * W_IN
         acc = tl.zeros([TAPS_PAD, BLOCK_CO], dtype=tl.float32)
         for r0 in range(0, B * hwo, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            rmask = r < B * hwo
-            b = r // hwo
-            oh = (r % hwo) // WO
-            ow = r % WO
-            dz = _dz_tile(
-                dy_task, z_task, r[:, None] * COUT + co[None, :], rmask[:, None] & comask[None, :],
-                mean[None, :], rstd[None, :], gs[None, :], mdy[None, :], mdyx[None, :],
-            )
+            rmask, b, oh, ow, dz = _dz_rows(r0, B * hwo, hwo, WO, dy_task, z_task, co, comask, mean, rstd, gs, mdy,
+                                            mdyx, COUT, BLOCK_R)
             ih = oh[:, None] * STRIDE + kh[None, :] - 1
             iw = ow[:, None] * STRIDE + kw[None, :] - 1
             valid = rmask[:, None] & kmask[None, :] & (ih >= 0) & (ih < H_IN) & (iw >= 0) & (iw < W_IN)
@@ -238,15 +245,8 @@ def _conv_dw_program(
         zin_task = x_ptr + t * B * HZ * WZ * CIN
         acc = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
         for r0 in range(0, B * hwo, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            rmask = r < B * hwo
-            b = r // hwo
-            oh = (r % hwo) // WO
-            ow = r % WO
-            dz = _dz_tile(
-                dy_task, z_task, r[:, None] * COUT + co[None, :], rmask[:, None] & comask[None, :],
-                mean[None, :], rstd[None, :], gs[None, :], mdy[None, :], mdyx[None, :],
-            )
+            rmask, b, oh, ow, dz = _dz_rows(r0, B * hwo, hwo, WO, dy_task, z_task, co, comask, mean, rstd, gs, mdy,
+                                            mdyx, COUT, BLOCK_R)
             ih = oh * STRIDE + kh - 1
             iw = ow * STRIDE + kw - 1
             valid = rmask & (ih >= 0) & (ih < H_IN) & (iw >= 0) & (iw < W_IN)
@@ -269,7 +269,7 @@ def _conv_dw_program(
     if owns_bias:
         _sgd_bias_bn(
             t, co, comask, bsum_ptr, b_ptr, gamma_ptr, beta_ptr, b_st, gb_st, b_new_ptr, gamma_new_ptr,
-            beta_new_ptr, lr_b_ptr, lr_g_ptr, lr_be_ptr, lr, COUT, LR_MODE,
+            beta_new_ptr, lr_g_ptr, lr_be_ptr, lr, COUT, LR_MODE,
         )
 
 
@@ -283,7 +283,8 @@ def _conv_bwd_kernel(
     bsum_ptr,  # fp64 [T, 2, COUT]: (sum dy, sum dy * xhat)
     w_ptr, b_ptr, gamma_ptr, beta_ptr,  # current [T or 1, COUT, CIN, 3, 3], [T or 1, COUT] x3
     w_new_ptr, b_new_ptr, gamma_new_ptr, beta_new_ptr,  # out: next [T, COUT, CIN, 3, 3], [T, COUT] x3
-    lr_w_ptr, lr_b_ptr, lr_g_ptr, lr_be_ptr,  # Meta-SGD rates shaped like one task's parameter (LR_MODE 1)
+    lr_w_ptr, lr_g_ptr, lr_be_ptr,  # Meta-SGD rates shaped like one task's parameter (LR_MODE 1); the conv bias's
+    # rate has nothing to scale (its gradient is exactly 0, see the module docstring)
     dyin_ptr,  # out [T, B, HZ, WZ, CIN]: dL/d(previous BN output) (HAS_DX)
     in_bsum_ptr,  # out, accumulated: fp64 [T, 2, CIN] previous layer's backward sums (HAS_DX)
     lr,  # scalar learning rate (LR_MODE 0)
@@ -317,7 +318,7 @@ def _conv_bwd_kernel(
             _conv_dw_program(
                 q // N_DW_C, q % N_DW_C, t, x_ptr, in_stat_ptr, in_gamma_ptr, in_beta_ptr, in_gb_st, in_count,
                 dy_ptr, z_ptr, stat_ptr, bsum_ptr, count, w_ptr, b_ptr, gamma_ptr, beta_ptr, w_st, b_st, gb_st,
-                w_new_ptr, b_new_ptr, gamma_new_ptr, beta_new_ptr, lr_w_ptr, lr_b_ptr, lr_g_ptr, lr_be_ptr, lr,
+                w_new_ptr, b_new_ptr, gamma_new_ptr, beta_new_ptr, lr_w_ptr, lr_g_ptr, lr_be_ptr, lr,
                 B, H_IN, W_IN, HZ, WZ, HO, WO, CIN, COUT, STRIDE, IN_MODE, LR_MODE, BLOCK_K, BLOCK_CI, BLOCK_CO,
                 TAPS_PAD, PRECISION, EPS,
             )
@@ -422,12 +423,12 @@ def conv_bn_backward_sgd(
     if task_stride(params["beta"], "params['beta']", tasks, (cout,), dev) != gb_st:
         raise ValueError("params['gamma'] and params['beta'] must both have the task axis or both lack it")
     shapes = {"weight": (cout, cin, 3, 3), "bias": (cout,), "gamma": (cout,), "beta": (cout,)}
-    if isinstance(lr, dict):
+    if isinstance(lr, dict):  # every rate is checked; the conv bias's is not read (its gradient is exactly 0)
         lr_mode, lr_value = 1, 0.0
-        lrs = [check_tensor(lr.get(k), f"lr[{k!r}]", shapes[k], device=dev) for k in LR_KEYS]
+        rates = {k: check_tensor(lr.get(k), f"lr[{k!r}]", shapes[k], device=dev) for k in LR_KEYS}
     else:
         lr_mode, lr_value = 0, float(lr)
-        lrs = [stats] * 4
+        rates = dict.fromkeys(LR_KEYS, stats)
     if weight_grad:
         if out_params is None:
             out_params = {k: torch.empty(tasks, *shapes[k], device=dev) for k in LR_KEYS}
@@ -457,7 +458,7 @@ def conv_bn_backward_sgd(
     _conv_bwd_kernel[grid](
         x, prev.stats, prev.gamma, prev.beta, dy, z, stats, bsum,
         params["weight"], params["bias"], params["gamma"], params["beta"],
-        new["weight"], new["bias"], new["gamma"], new["beta"], *lrs,
+        new["weight"], new["bias"], new["gamma"], new["beta"], rates["weight"], rates["gamma"], rates["beta"],
         dy_in if input_grad else stats, in_bsum if input_grad else stats, lr_value,
         batch, h_in, w_in, hz, wz, ho, wo, batch * ho * wo, int(prev.count),
         w_st, b_st, gb_st, 0 if in_bn is None or in_bn.gamma.dim() == 1 else cin,

@@ -97,9 +97,8 @@ class Engine:
 
     def capture_failures(self) -> list[str]:
         """Why CUDA-graph captures failed (those buckets run eagerly: right results, launch-bound speed)."""
-        backend = self.backend
-        failures = [b.capture_error for b in getattr(backend, "buckets", {}).values() if b.capture_error]
-        return failures + list(getattr(backend, "_uncapturable", {}).values())
+        report = getattr(self.backend, "capture_failures", None)  # backends without graphs have none
+        return report() if report is not None else []
 
     def adapt(self, model: MetaModel, support_x, support_y, steps: int | None = None, lr=None, track: bool = True):
         steps = model.spec.steps if steps is None else steps

@@ -177,6 +177,14 @@ class GraphBackend:
         self.captures = 0  # buckets built so far (tests and the benchmark read it)
         self._lock = threading.Lock()  # static buffers are shared: one call at a time
 
+    def graph_capacity(self) -> int | None:
+        """How many captured buckets this backend keeps (None: it captures nothing)."""
+        return self.max_buckets if self.capture else None
+
+    def capture_failures(self) -> list[str]:
+        """Why the kept buckets that asked for a CUDA graph run eagerly instead."""
+        return [b.capture_error for b in self.buckets.values() if b.capture_error]
+
     # -- buckets -----------------------------------------------------------------------------------------------
     def _run_bucket(self, key: BucketKey, fn: Callable, values: dict[str, torch.Tensor], meta: dict):
         """Find or build the bucket, copy this call's values into its static inputs, replay; returns the outputs."""
@@ -250,29 +258,32 @@ class GraphBackend:
     def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
         """Large batches run as task chunks (kernels.chunking), each chunk a bucket of its own."""
         spec = model.spec
-        tasks = next(iter(fast.values())).shape[0]
-        self._check(model, "query_x", query_x, (tasks, None, *spec.input_shape), torch.float32)
-        check_task_counts(tasks, "the fast weights", support_x=support_x,
-                          **{f"fast[{k!r}]": v for k, v in fast.items()})
-        support = 0 if support_x is None else support_x.shape[1]
-        chunk = task_chunk(spec, support, query_x.shape[1], bn_policy or spec.bn_policy, self.budget_bytes)
-        return run_chunked(query_x.shape[0], chunk, lambda s: self._predict(
-            model, {k: v[s] for k, v in fast.items()}, query_x[s], None if support_x is None else support_x[s],
-            bn_policy))
-
-    def _predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
-        spec = model.spec
         policy = bn_policy or spec.bn_policy
         needs_support = policy == "support" and spec.arch != "mlp-sinusoid"
         if needs_support and support_x is None:
             raise ValueError(f"model {spec.name} uses bn_policy 'support': predict needs the support set")
         tasks = next(iter(fast.values())).shape[0]
         self._check(model, "query_x", query_x, (tasks, None, *spec.input_shape), torch.float32)
-        values = {"query_x": query_x}
+        check_task_counts(tasks, "the fast weights", support_x=support_x,
+                          **{f"fast[{k!r}]": v for k, v in fast.items()})
         if needs_support:
             self._check(model, "support_x", support_x, (tasks, None, *spec.input_shape), torch.float32)
+        else:
+            support_x = None  # not read: its statistics are not used
+        support = 0 if support_x is None else support_x.shape[1]
+        chunk = task_chunk(spec, support, query_x.shape[1], policy, self.budget_bytes)
+        return run_chunked(tasks, chunk, lambda s: self._predict_chunk(
+            model, {k: v[s] for k, v in fast.items()}, query_x[s], None if support_x is None else support_x[s],
+            policy))
+
+    def _predict_chunk(self, model: MetaModel, fast, query_x, support_x, policy: str) -> torch.Tensor:
+        """One bucket's predict; inputs checked by predict()."""
+        spec = model.spec
+        tasks = query_x.shape[0]
+        values = {"query_x": query_x}
+        if support_x is not None:
             values["support_x"] = support_x
-        support = support_x.shape[1] if needs_support else 0
+        support = 0 if support_x is None else support_x.shape[1]
         key = bucket_key("predict", spec, tasks, support, query_x.shape[1], bn_policy=policy)
         names = list(fast)
         values.update({f"fast.{k}": v.detach() for k, v in fast.items()})
@@ -286,33 +297,33 @@ class GraphBackend:
             return self._run_bucket(key, run, values, {}).clone()
 
     def _adapt_predict(self, model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast):
-        spec = model.spec
-        self._check(model, "support_x", support_x, (None, None, *spec.input_shape), torch.float32)
-        tasks = support_x.shape[0]
-        if query_x is not None:
-            self._check(model, "query_x", query_x, (tasks, None, *spec.input_shape), torch.float32)
-        check_task_counts(tasks, "support_x", support_y=support_y)
-        queries = 0 if query_x is None else query_x.shape[1]
-        chunk = task_chunk(spec, support_x.shape[1], queries, bn_policy or spec.bn_policy, self.budget_bytes)
-        take = lambda t, s: None if t is None else t[s]  # noqa: E731
-        return run_chunked(support_x.shape[0], chunk, lambda s: self._adapt_predict_chunk(
-            model, support_x[s], take(support_y, s), take(query_x, s), steps, lr, track, bn_policy, keep_fast))
-
-    def _adapt_predict_chunk(self, model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast):
+        """Checks the inputs once, then runs task chunks (kernels.chunking), each a bucket of its own."""
         spec = model.spec
         self._check_meta(model)
         if steps < 0:
             raise ValueError(f"steps={steps}, expected >= 0")
         self._check(model, "support_x", support_x, (None, None, *spec.input_shape), torch.float32)
         tasks, support = support_x.shape[:2]
+        check_task_counts(tasks, "support_x", support_y=support_y)
         if spec.is_regression:
             self._check(model, "support_y", support_y, (tasks, support, 1), torch.float32)
         else:
             self._check(model, "support_y", support_y, (tasks, support), torch.int64)
+        if query_x is not None:
+            self._check(model, "query_x", query_x, (tasks, None, *spec.input_shape), torch.float32)
+        queries = 0 if query_x is None else query_x.shape[1]
+        chunk = task_chunk(spec, support, queries, bn_policy or spec.bn_policy, self.budget_bytes)
+        return run_chunked(tasks, chunk, lambda s: self._adapt_predict_chunk(
+            model, support_x[s], support_y[s], None if query_x is None else query_x[s], steps, lr, track, bn_policy,
+            keep_fast))
+
+    def _adapt_predict_chunk(self, model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast):
+        """One bucket's adapt (+ predict); inputs checked by _adapt_predict()."""
+        spec = model.spec
+        tasks, support = support_x.shape[:2]
         policy = bn_policy or spec.bn_policy
         values = {"support_x": support_x, "support_y": support_y}
         if query_x is not None:
-            self._check(model, "query_x", query_x, (tasks, None, *spec.input_shape), torch.float32)
             values["query_x"] = query_x
         values.update(self._lr_values(lr))
         predicting = query_x is not None

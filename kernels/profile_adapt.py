@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kernels.bench.configs import CONFIGS, make_case, make_model
+from kernels.bench.methods import backend_logits
 from kernels.engine import Engine
 
 
@@ -31,23 +32,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _call(backend, case):
-    fused = getattr(backend, "adapt_predict", None)
-    if fused is not None:
-        return fused(case.model, case.support_x, case.support_y, case.query_x, case.steps, case.lr, track=False,
-                     bn_policy=case.bn_policy)[1]
-    fast = backend.adapt(case.model, case.support_x, case.support_y, case.steps, case.lr, track=False)
-    return backend.predict(case.model, fast.params, case.query_x, case.support_x, case.bn_policy)
-
-
 def _wall_ms(backend, case, calls: int) -> float:
     for _ in range(2):
-        _call(backend, case)
+        backend_logits(backend, case)
     _sync(case.device)
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
-        _call(backend, case)
+        backend_logits(backend, case)
         _sync(case.device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
@@ -64,12 +56,12 @@ def _us(evt, *names) -> float:
 def profile_rows(backend, case, calls: int) -> tuple[list[dict], float, str]:
     """Per-kernel (CUDA) or per-operator (CPU) rows for `calls` eager calls: (rows, busy us per call, what)."""
     cuda = case.device.type == "cuda"
-    _call(backend, case)  # compiled and allocated before the profile
+    backend_logits(backend, case)  # compiled and allocated before the profile
     _sync(case.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):
-            _call(backend, case)
+            backend_logits(backend, case)
         _sync(case.device)
     rows = []
     for evt in prof.key_averages():

@@ -146,6 +146,14 @@ class TritonBackend:
 
     # ------------------------------------------------------------------------------------------------ internals
 
+    def graph_capacity(self) -> int | None:
+        """How many captured programs this backend keeps (None: it captures nothing)."""
+        return self.max_graphs if self.use_graphs else None
+
+    def capture_failures(self) -> list[str]:
+        """Why the buckets whose CUDA-graph capture failed launch eagerly instead."""
+        return list(self._uncapturable.values())
+
     def _fallback(self, model: MetaModel) -> bool:
         arch = model.spec.arch
         if arch in TRITON_ARCHS:

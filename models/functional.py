@@ -90,8 +90,7 @@ def task_count(params: dict[str, torch.Tensor]) -> int:
 
 def _batch_stats(h: torch.Tensor, dims: tuple[int, ...], stat_rows: int | None):
     src = h if stat_rows is None else h[:stat_rows]
-    mean = src.mean(dim=dims, keepdim=True)
-    var = src.var(dim=dims, keepdim=True, unbiased=False)
+    var, mean = torch.var_mean(src, dim=dims, keepdim=True, correction=0)
     return mean, var
 
 
@@ -99,25 +98,19 @@ def _conv_bn_relu(h, w, b, gamma, beta, stride, stat_rows, double_backward=False
     """h: [B, T*Cin, H, W] (tasks folded into channels) -> [B, T*Cout, H', W']."""
     tasks, c_out = w.shape[0], w.shape[1]
     h = F.conv2d(h, w.reshape(tasks * c_out, *w.shape[2:]), b.reshape(-1), stride=stride, padding=1, groups=tasks)
-    if double_backward and h.device.type == "cpu":
-        # Second-order MAML differentiates this graph twice. Batch norm folded into one scale and shift per channel
-        # is the same function (float64: equal to 1e-14) with a cheaper double backward than the library's fused
-        # batch norm on the CPU (second-order 20-way meta-iteration: 2.65 -> 2.35 s, 1 thread); a single backward
-        # (serving) is 20% faster with the library's, which stays the default, and on CUDA until measured there.
-        src = h if stat_rows is None else h[:stat_rows]
-        var, mean = torch.var_mean(src, dim=(0, 2, 3), keepdim=True, correction=0)
-        scale = gamma.reshape(1, -1, 1, 1) * torch.rsqrt(var + BN_EPS)
-        return F.relu(h * scale + (beta.reshape(1, -1, 1, 1) - mean * scale))
-    if stat_rows is None:
+    # Second-order MAML differentiates the graph twice: batch norm folded into one scale and shift per channel is
+    # the same function (float64: equal to 1e-14) with a cheaper double backward than the library's fused batch norm
+    # on the CPU (second-order 20-way meta-iteration: 2.65 -> 2.35 s, 1 thread). A single backward (serving) is 20%
+    # faster with the library's, which stays the default, and on CUDA until measured there.
+    fold_all_rows = double_backward and h.device.type == "cpu"
+    if stat_rows is None and not fold_all_rows:
         # All rows share statistics: the fused library batch norm (per task x channel over B, H, W).
-        h = F.batch_norm(h, None, None, gamma.reshape(-1), beta.reshape(-1), training=True, eps=BN_EPS)
-    else:
-        mean, var = _batch_stats(h, (0, 2, 3), stat_rows)
-        if torch.is_grad_enabled():
-            h = (h - mean) * torch.rsqrt(var + BN_EPS) * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
-        else:  # serving predict: the library's fused inference-mode normalization with the support statistics
-            h = F.batch_norm(h, mean.flatten(), var.flatten(), gamma.reshape(-1), beta.reshape(-1), eps=BN_EPS)
-    return F.relu(h)
+        return F.relu(F.batch_norm(h, None, None, gamma.reshape(-1), beta.reshape(-1), training=True, eps=BN_EPS))
+    mean, var = _batch_stats(h, (0, 2, 3), stat_rows)
+    if not torch.is_grad_enabled():  # serving predict: the library's fused inference-mode normalization
+        return F.relu(F.batch_norm(h, mean.flatten(), var.flatten(), gamma.reshape(-1), beta.reshape(-1), eps=BN_EPS))
+    scale = gamma.reshape(1, -1, 1, 1) * torch.rsqrt(var + BN_EPS)
+    return F.relu(h * scale + (beta.reshape(1, -1, 1, 1) - mean * scale))
 
 
 def _forward_conv4(spec: ModelSpec, params, x, stat_rows, double_backward=False):

@@ -100,11 +100,8 @@ def warm_jobs(model, tasks: int, plan: WarmupPlan) -> list[AdaptJob]:
 
 def graph_capacity(backend) -> int | None:
     """How many captured programs the engine backend keeps (None: it captures nothing)."""
-    if getattr(backend, "use_graphs", False):
-        return backend.max_graphs
-    if getattr(backend, "capture", False):
-        return backend.max_buckets
-    return None
+    capacity = getattr(backend, "graph_capacity", None)
+    return capacity() if capacity is not None else None
 
 
 def capacity_warning(plan: WarmupPlan, models: int, capacity: int | None) -> str | None:

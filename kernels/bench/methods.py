@@ -44,6 +44,17 @@ def _engine(backend: str, device: torch.device, precision: str | None = None):
     return engine
 
 
+def backend_logits(backend, case: Case) -> torch.Tensor:
+    """One full call of an engine backend on the case: its one-call adapt_predict when it has one (fast weights are
+    returned too, as a server keeps them), else adapt then predict; the query logits [T, Q, ways]."""
+    fused = getattr(backend, "adapt_predict", None)
+    if fused is not None:
+        return fused(case.model, case.support_x, case.support_y, case.query_x, case.steps, case.lr, track=False,
+                     bn_policy=case.bn_policy)[1]
+    fast = backend.adapt(case.model, case.support_x, case.support_y, case.steps, case.lr, track=False)
+    return backend.predict(case.model, fast.params, case.query_x, case.support_x, case.bn_policy)
+
+
 def engine_method(backend: str, precision: str | None = None) -> Method:
     """Engine(backend): the backend's one-call adapt_predict when it has one, else adapt then predict."""
 
@@ -60,16 +71,9 @@ def engine_method(backend: str, precision: str | None = None) -> Method:
 
     def make(case: Case):
         engine = _engine(backend, case.device, precision)
-        fused = getattr(engine.backend, "adapt_predict", None)
-        model = case.model
 
         def call():
-            if fused is not None:  # fast weights are returned too (a server keeps them), as adapt + predict would
-                _, logits = fused(model, case.support_x, case.support_y, case.query_x, case.steps, case.lr,
-                                  track=False, bn_policy=case.bn_policy)
-            else:
-                fast = engine.adapt(model, case.support_x, case.support_y, case.steps, case.lr, track=False)
-                logits = engine.predict(model, fast.params, case.query_x, case.support_x, case.bn_policy)
+            logits = backend_logits(engine.backend, case)
             failures = engine.capture_failures()
             if failures:  # the backend fell back to eager launches: not the method this row claims to time
                 raise RuntimeError(f"CUDA-graph capture failed, the backend ran eagerly: {failures[0]}")
