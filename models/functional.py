@@ -105,12 +105,28 @@ def _conv_bn_relu(h, w, b, gamma, beta, stride, stat_rows, double_backward=False
     fold_all_rows = double_backward and h.device.type == "cpu"
     if stat_rows is None and not fold_all_rows:
         # All rows share statistics: the fused library batch norm (per task x channel over B, H, W).
-        return F.relu(F.batch_norm(h, None, None, gamma.reshape(-1), beta.reshape(-1), training=True, eps=BN_EPS))
+        out = F.batch_norm(h, None, None, gamma.reshape(-1), beta.reshape(-1), training=True, eps=BN_EPS)
+        return F.relu(out) if torch.is_grad_enabled() else F.relu_(out)
     mean, var = _batch_stats(h, (0, 2, 3), stat_rows)
-    if not torch.is_grad_enabled():  # serving predict: the library's fused inference-mode normalization
-        return F.relu(F.batch_norm(h, mean.flatten(), var.flatten(), gamma.reshape(-1), beta.reshape(-1), eps=BN_EPS))
+    if not torch.is_grad_enabled():
+        # Serving predict: the library's inference-mode normalization (with the statistics computed above it is
+        # 4x faster than its training mode on the CPU), then ReLU in place on the tensor this call owns.
+        return F.relu_(F.batch_norm(h, mean.flatten(), var.flatten(), gamma.reshape(-1), beta.reshape(-1), eps=BN_EPS))
     scale = gamma.reshape(1, -1, 1, 1) * torch.rsqrt(var + BN_EPS)
     return F.relu(h * scale + (beta.reshape(1, -1, 1, 1) - mean * scale))
+
+
+def _max_pool2(h: torch.Tensor) -> torch.Tensor:
+    """2x2 max-pool, stride 2 (odd sizes drop the last row / column, as F.max_pool2d).
+
+    Without autograd on the CPU: the maximum of the window's four strided views, the same values as F.max_pool2d
+    and 9-11x faster there (80 x 32 x 84 x 84: 47.7 -> 5.5 ms on 2 cores). With autograd, F.max_pool2d: its fused
+    backward routes each gradient to the window's first maximum, as the Triton kernels do."""
+    if h.device.type != "cpu" or (torch.is_grad_enabled() and h.requires_grad):
+        return F.max_pool2d(h, 2)
+    c = h[..., : h.shape[-2] // 2 * 2, : h.shape[-1] // 2 * 2]
+    return torch.maximum(torch.maximum(c[..., 0::2, 0::2], c[..., 0::2, 1::2]),
+                         torch.maximum(c[..., 1::2, 0::2], c[..., 1::2, 1::2]))
 
 
 def _forward_conv4(spec: ModelSpec, params, x, stat_rows, double_backward=False):
@@ -123,7 +139,7 @@ def _forward_conv4(spec: ModelSpec, params, x, stat_rows, double_backward=False)
             2 if omniglot else 1, stat_rows, double_backward,
         )
         if not omniglot:
-            h = F.max_pool2d(h, 2)
+            h = _max_pool2(h)
     if omniglot:
         feats = h.mean(dim=(2, 3)).view(batch, tasks, -1)
     else:

@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from kernels.cpu_tuning import tune_cpu_allocator
 from kernels.engine import BACKENDS
 from server.app import ServerConfig, serve
 from server.batcher import WAIT_POLICIES
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    tune_cpu_allocator()  # before the engine thread starts: it must share the tuned heap (see kernels.cpu_tuning)
     try:
         return asyncio.run(serve(config))
     except (OSError, ValueError, NotImplementedError, WarmupError) as exc:  # start-up: folder, port, warm-up ...

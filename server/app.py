@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kernels.cpu_tuning import allocator_state
 from kernels.engine import Engine
 from server.batcher import DynamicBatcher
 from server.cache import AdaptationCache
@@ -150,6 +151,7 @@ async def start(config: ServerConfig) -> RunningServer:
             "device": str(engine.device),
             "backend": engine.backend_name,
             "models": registry.names(),
+            "allocator": allocator_state(),
             "max_request_bytes": MAX_REQUEST_BYTES,
             "transport_limit_bytes": TRANSPORT_LIMIT_BYTES,
             "config": settings,

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import torch
 
+from kernels.cpu_tuning import tune_cpu_allocator
 from server.client import FastAdaptClient, adapt_and_predict_request
 from server.launch import REPO_ROOT, ServerProcess, prepare_model_dir
 from server.wire import channel_options, pb_grpc
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-process-s", type=float, default=3.0,
                    help="seconds per level to time the same batches in-process, without gRPC (0: skip)")
     args = p.parse_args(argv)
+    tune_cpu_allocator()  # the in-process comparison runs here: the same allocator as the server it is compared with
 
     with tempfile.TemporaryDirectory(prefix="fastadapt-loadtest-") as scratch:
         server, fresh = None, []

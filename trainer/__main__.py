@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from kernels.cpu_tuning import tune_cpu_allocator
 from models.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import config_from_args
 from trainer.evaluate import evaluate, results_markdown
@@ -37,6 +38,7 @@ def final_evaluation(trainer: Trainer) -> dict:
 
 def main(argv=None) -> int:
     cfg, args = config_from_args(argv)
+    tune_cpu_allocator()  # CPU training allocates the same activation sizes every iteration
     trainer = Trainer(cfg, resume=args.resume).train()
     if trainer.rank != 0:
         return 0

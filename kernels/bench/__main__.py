@@ -12,6 +12,7 @@ from kernels.bench.configs import CONFIGS, MATRICES
 from kernels.bench.harness import BenchSettings, run_bench
 from kernels.bench.methods import METHODS
 from kernels.bench.report import replot
+from kernels.cpu_tuning import tune_cpu_allocator
 
 BUDGET_ENV = "FASTADAPT_BENCH_BUDGET_S"
 
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
         replot(args.out)
         print(f"redrew {args.out}/bench.md and plots")
         return 0
+    tune_cpu_allocator()  # every method runs in this process: same allocator for ours and the peers
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = (args.device == "auto" and torch.cuda.is_available()) or str(args.device).startswith("cuda")

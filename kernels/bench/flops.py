@@ -110,8 +110,11 @@ def device_info(device: torch.device, peak_tflops: float | None = None) -> dict:
                     capability=f"{props.major}.{props.minor}", memory_gb=round(props.total_memory / 2**30, 1),
                     sms=props.multi_processor_count)
     else:
+        from kernels.cpu_tuning import allocator_state
+
         info.update(name=f"CPU: {cpu_name()}", threads=torch.get_num_threads(), cores=os.cpu_count(),
-                    load_average=[round(x, 2) for x in os.getloadavg()])  # other processes skew CPU timings
+                    load_average=[round(x, 2) for x in os.getloadavg()],  # other processes skew CPU timings
+                    allocator=allocator_state())
     if peak_tflops:
         info.update(peak_tflops=float(peak_tflops), peak_source="given on the command line (--peak-tflops)")
     elif device.type == "cuda":

@@ -113,6 +113,7 @@ def markdown(data: dict) -> str:
     versions += f", CUDA {dev['cuda']}" if dev.get("cuda") else ""
     peak = f"{dev['peak_tflops']} TFLOP/s ({dev['peak_source']})" if dev.get("peak_tflops") else dev["peak_source"]
     cpu = f" {dev['threads']} torch threads, load average at start {dev['load_average']}." if "threads" in dev else ""
+    cpu += f" Allocator (every method, same process): {dev['allocator']}." if dev.get("allocator") else ""
     lines = [
         f"# fastadapt benchmark: {dev['name']}",
         "",

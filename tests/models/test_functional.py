@@ -124,3 +124,44 @@ def test_double_backward_formulation_is_the_same_function_to_second_order(stat_r
     for a, b in zip(grads_a + second_a, grads_b + second_b, strict=True):  # conv-bias entries are ~0: atol by scale
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11 * scale)
     assert max(float(s.abs().max()) for s in second_a) > 1e-3  # the second derivatives are not trivially zero
+
+
+@pytest.mark.parametrize("size", [(8, 8), (9, 11), (21, 21), (2, 3)])
+def test_cpu_max_pool_equals_max_pool2d_with_ties_and_odd_sizes(size):
+    from models.functional import _max_pool2
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.rand(3, 5, *size, generator=g)
+    h[:, :2] = 0.0  # whole windows of equal values (ReLU zeros)
+    h[:, 2, : size[0] // 2] = 0.5
+    expected = F.max_pool2d(h, 2)
+    with torch.no_grad():
+        got = _max_pool2(h)
+    assert torch.equal(got, expected)
+    # With autograd it is max_pool2d itself: the gradient goes to each window's first maximum.
+    hr = h.clone().requires_grad_(True)
+    upstream = torch.rand(expected.shape, generator=g)
+    (grad,) = torch.autograd.grad(_max_pool2(hr), hr, upstream)
+    (ref,) = torch.autograd.grad(F.max_pool2d(hr, 2), hr, upstream)
+    assert torch.equal(grad, ref)
+
+
+@pytest.mark.parametrize("arch", ["conv4-omniglot", "conv4-miniimagenet"])
+@pytest.mark.parametrize("stat_rows", [None, 4])
+def test_serving_forward_without_autograd_equals_the_differentiable_forward(arch, stat_rows):
+    """Predict runs without autograd (inference-mode batch norm, ReLU in place, strided max-pool): same logits as
+    the forward adaptation differentiates, and the caller's input is left untouched."""
+    spec = SPECS[arch]
+    params = random_task_params(spec, 2)
+    x = torch.rand(2, 9, *spec.input_shape, generator=torch.Generator().manual_seed(2))
+    x_before = x.clone()
+    with torch.no_grad():
+        served = forward(spec, params, x, stat_rows=stat_rows)
+    grad_params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    differentiable = forward(spec, grad_params, x, stat_rows=stat_rows)
+    assert differentiable.requires_grad
+    if stat_rows is None:  # the same library batch norm either way: bit for bit
+        assert torch.equal(served, differentiable.detach())
+    else:  # inference-mode normalization vs the folded scale + shift: rounding only
+        torch.testing.assert_close(served, differentiable.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(x, x_before)
