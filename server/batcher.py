@@ -16,6 +16,7 @@ A cancelled request (client cancel or deadline) leaves its group at once and fre
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -74,7 +75,9 @@ class DynamicBatcher:
         self.wait_policy, self.max_queue = wait_policy, max_queue
         self._run_batch = run_batch
         self._on_batch = on_batch or (lambda key, size: None)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastadapt-engine")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastadapt-engine",
+                                            initializer=self._note_worker)
+        self.worker_ident: int | None = None  # the worker thread's threading.get_ident(), once it started
         self._groups: dict[Hashable, list[_Waiting]] = {}  # insertion order = age order of each group's oldest
         self._exclusive: deque[tuple[Callable, tuple, asyncio.Future]] = deque()
         self._last_size: dict[Hashable, int] = {}
@@ -84,6 +87,9 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches_run = 0
+
+    def _note_worker(self) -> None:
+        self.worker_ident = threading.get_ident()
 
     @property
     def queued(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from models.checkpoint import CheckpointError, MetaModel, load_checkpoint
@@ -17,6 +18,7 @@ SERVABLE_ARCHS = ("conv4-omniglot", "conv4-miniimagenet", "mlp-omniglot")
 class ModelRegistry:
     def __init__(self, models: dict[str, MetaModel]):
         self._models = dict(sorted(models.items()))
+        self.loaded_on = threading.get_ident()  # the thread that ran the torch work of loading
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device="cpu") -> ModelRegistry:

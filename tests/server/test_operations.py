@@ -94,3 +94,34 @@ def caplog_json():
     configure("info", stream)
     yield stream
     get_logger().handlers.clear()
+
+
+def test_all_torch_work_runs_on_the_one_engine_thread(server):
+    """Loading, adapting and predicting share one OS thread: on the CPU a second thread that runs parallel torch ops
+    gets its own OpenMP team, and two teams throttle each other (measured: 28 -> 70 ms per 5-way call)."""
+    import threading
+
+    engine_threads = []
+    original_adapt, original_predict = server.engine.adapt, server.engine.predict
+
+    def adapt(*args, **kwargs):
+        engine_threads.append(threading.get_ident())
+        return original_adapt(*args, **kwargs)
+
+    def predict(*args, **kwargs):
+        engine_threads.append(threading.get_ident())
+        return original_predict(*args, **kwargs)
+
+    server.engine.adapt, server.engine.predict = adapt, predict
+    try:
+        spec = TINY_SPECS["tiny-5w"]
+        sx, sy, qx = random_task(spec)
+        with FastAdaptClient(server.address, timeout=30) as client:
+            adapted = client.adapt(spec.name, sx, sy)
+            client.predict(adapted.adaptation_id, qx)
+    finally:
+        server.engine.adapt, server.engine.predict = original_adapt, original_predict
+    worker = server.batcher.worker_ident
+    assert worker is not None and worker != threading.get_ident()
+    assert server.registry.loaded_on == worker
+    assert len(engine_threads) >= 2 and set(engine_threads) == {worker}
