@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_tuning import tune_cpu_allocator
 from models.functional import forward
 from trainer.config import CONFIGS
 from trainer.meta import MetaLearner
@@ -106,6 +107,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="results/train_throughput")
     a = p.parse_args(argv)
+    tune_cpu_allocator()  # both methods run in this process, with the allocator the trainer uses
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     res = run(a.config, a.algorithm, a.iters, device, a.meta_batch)
