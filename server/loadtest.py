@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 import torch
 
-from kernels.cpu_tuning import tune_cpu_allocator
+from kernels.cpu_tuning import allocator_state, tune_cpu_allocator
 from server.client import FastAdaptClient, adapt_and_predict_request
 from server.launch import REPO_ROOT, ServerProcess, prepare_model_dir
 from server.wire import channel_options, pb_grpc
@@ -138,6 +138,7 @@ def format_markdown(meta: dict, levels: list[dict]) -> str:
         f"server device {meta['device']}, backend {meta['backend']}; each level measured over at least "
         f"{meta['duration_s']:g} s and {meta['min_requests']} requests after {meta['warmup_s']:g} s warm-up; "
         f"host {meta['host']} ({meta['cpus']} CPUs, GPU {meta['gpu'] or 'none'}); torch {meta['torch']}."
+        + (f" Allocator: {meta['allocator']}." if meta.get("allocator") else "")
         + (" Weights: FRESH INIT (untrained; the work is the same)." if meta["fresh_init"] else ""),
         "",
         "| clients | requests | errors | requests/s | p50 ms | p90 ms | p99 ms | mean tasks per engine call | "
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration, "min_requests": args.min_requests, "warmup_s": args.warmup,
         "host": platform.node(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "fresh_init": bool(fresh), "server_exit_code": code,
+        "allocator": allocator_state(),  # the server applies the same tuning at its start
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
