@@ -17,7 +17,8 @@ def test_cpu_profile_of_the_reference_writes_a_table_that_adds_up(tmp_path, caps
         assert len(names) == 5 and point["rows_total"] > 5
         assert any("convolution" in n for n in names)  # a conv net spends its time in convolutions
         assert point["rows"] == sorted(point["rows"], key=lambda r: -r["us_per_call"])
-        assert 0 < point["busy_ms"] <= 1.5 * point["eager_ms"]
+        # A unit slip (us vs ms) is 1000x; 10x leaves room for profiler overhead and a busy box (not a timing claim).
+        assert 0 < point["busy_ms"] <= 10 * point["eager_ms"]
         assert all(r["per_call"] > 0 and 0 < r["share"] <= 1 for r in point["rows"])
     md = (tmp_path / "profile.md").read_text()
     assert "## T = 2" in md and "aten::" in md and md in capsys.readouterr().out
