@@ -57,6 +57,7 @@ CONFIGS: dict[str, BenchConfig] = {
         BenchConfig("miniimagenet-5w1s", "conv4-miniimagenet", ways=5, shots=1, queries=75, steps=10, lr=0.01),
         # The smallest thing that exercises every code path: the harness test and the dry GPU check run it.
         BenchConfig("tiny", "conv4-omniglot", ways=5, shots=1, queries=10, steps=2, lr=0.4, hidden=8),
+        BenchConfig("tiny-20w", "conv4-omniglot", ways=20, shots=1, queries=20, steps=1, lr=0.1, hidden=8),
     )
 }
 

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from kernels.bench import report
-from kernels.bench.configs import CONFIGS, make_case, make_model
+from kernels.bench.configs import CONFIGS, BenchConfig, make_case, make_model
 from kernels.bench.flops import adapt_predict_flops, device_info
 from kernels.bench.methods import METHODS, REFERENCE, Method
+from models.checkpoint import MetaModel
 
 
 @dataclass
@@ -193,9 +194,12 @@ def run_bench(settings: BenchSettings, out_dir: str | Path, methods: list[Method
     reasons = {m.name: m.unavailable(device) for m in methods}
     progress = _Progress(sum(len(t) for t in settings.matrix.values()) * len(methods), settings.progress)
     try:
-        for cfg_name, task_counts in settings.matrix.items():
-            _run_config(data, cfg_name, sorted(int(t) for t in task_counts), methods, reasons, settings, device,
-                        deadline, progress, out_dir)
+        states: dict[str, _ConfigState] = {}
+        for tasks, cfg_name in run_order(settings.matrix):
+            if cfg_name not in states:
+                states[cfg_name] = _prepare_config(data, cfg_name, settings, device)
+            _run_point(data, states[cfg_name], tasks, methods, reasons, settings, device, deadline, progress,
+                       out_dir)
             report.write_all(data, out_dir)
     finally:
         progress.close()
@@ -205,71 +209,91 @@ def run_bench(settings: BenchSettings, out_dir: str | Path, methods: list[Method
     return data
 
 
-def _run_config(data, cfg_name, task_counts, methods, reasons, settings, device, deadline, progress, out_dir):
+def run_order(matrix: dict[str, list[int]]) -> list[tuple[int, str]]:
+    """(T, config) points breadth-first: every config at the smallest T before any config at the next, so a time
+    budget that runs out leaves a table with every config at the small T rather than one config at every T (the
+    first H200 run spent its budget on omniglot-5w1s and never reached 20-way or mini-ImageNet)."""
+    rank = {name: i for i, name in enumerate(matrix)}
+    return sorted(((int(t), name) for name, ts in matrix.items() for t in set(ts)), key=lambda p: (p[0], rank[p[1]]))
+
+
+@dataclass
+class _ConfigState:
+    name: str
+    config: BenchConfig
+    model: MetaModel
+    flops: float
+    last: dict = field(default_factory=dict)  # method -> (T, ms) of its last measured point
+
+
+def _prepare_config(data, cfg_name, settings, device) -> _ConfigState:
     config = CONFIGS[cfg_name]
     model = make_model(config, device, settings.seed, settings.bn_policy)
     spec = model.spec
     flops = adapt_predict_flops(spec, config.support, config.queries, config.steps, spec.bn_policy)
     data["configs"][cfg_name] = {**config.to_dict(), "bn_policy": spec.bn_policy, "describe": config.describe(),
                                  "flops_per_task": flops}
-    last: dict[str, tuple[int, float]] = {}  # method -> (T, ms) of its last measured point
-    for tasks in task_counts:
-        case, case_error = None, None
-        try:
-            case = make_case(config, model, tasks, device, settings.seed)
-        except Exception as exc:
-            case_error = f"building the tasks failed: {_error(exc)}"
-        ref, ref_note = None, "the reference did not run at this point"
-        for method in methods:
-            rec = {"config": cfg_name, "tasks": tasks, "method": method.name, "kind": method.kind}
-            now = time.perf_counter()
-            predicted = None
-            if method.name in last:
-                t_prev, ms_prev = last[method.name]
-                predicted = ms_prev * tasks / t_prev / 1e3
-            if reasons[method.name]:
-                rec.update(status="unavailable", error=reasons[method.name])
-            elif case_error:
-                rec.update(status="failed", error=case_error)
-            elif deadline is not None and now > deadline:
-                rec.update(status="skipped", error=f"global time budget of {settings.budget_s:g} s spent")
-            elif predicted is not None and predicted > settings.max_call_s:
-                t_prev = last[method.name][0]
-                rec.update(status="skipped", error=f"predicted {predicted:.1f} s per call (from T={t_prev}) > "
-                                                   f"max_call_s={settings.max_call_s:g}")
-            elif predicted is not None and deadline is not None and now + 2 * predicted > deadline:
-                rec.update(status="skipped", error=f"predicted {predicted:.1f} s per call: warm-up + one timed call "
-                                                   "would overrun the global time budget")
-            else:
-                try:
-                    m = _measure(method, case, settings, deadline)
-                except Exception as exc:
-                    rec.update(status="failed", error=_error(exc))
-                    m = None
-                if m is not None:
-                    logits = m.pop("logits")
-                    ms = m["ms_per_call"]
-                    rec.update(status="ok", **m, ms_per_task=ms / tasks, tasks_per_s=tasks / (ms / 1e3))
-                    tflops = flops * tasks / (ms / 1e3) / 1e12
-                    peak = data["device"].get("peak_tflops")
-                    rec.update(tflops=tflops, pct_peak=100 * tflops / peak if peak else None)
-                    last[method.name] = (tasks, ms)
-                    if case.query_y is not None and logits.shape[:2] == case.query_y.shape:
-                        rec["query_accuracy"] = float((logits.argmax(-1) == case.query_y).float().mean())
-                    if method.name == REFERENCE:
-                        finite = bool(torch.isfinite(logits).all())
-                        ref = logits if finite else None
-                        ref_note = "reference logits are not finite" if not finite else ""
-                        rec["crosscheck"] = {"status": "oracle" if finite else "fail", "note": ref_note or "the oracle"}
-                    else:
-                        rtol, atol = method.tolerance or (settings.rtol, settings.atol)
-                        rec["crosscheck"] = cross_check(logits, ref, atol, rtol, settings.min_fraction, ref_note)
-                    del logits
-                _free(device)
-            if method.name == REFERENCE and rec["status"] != "ok":
-                ref_note = f"the reference was {rec['status']}: {rec.get('error', '')}"
-            data["results"].append(rec)
-            (out_dir / "bench.json").write_text(json.dumps(data, indent=1, default=str))
-            progress.step(f"{cfg_name} T={tasks} {method.name}: {rec['status']}")
-        del case, ref
-        _free(device)
+    return _ConfigState(cfg_name, config, model, flops)
+
+
+def _run_point(data, state, tasks, methods, reasons, settings, device, deadline, progress, out_dir):
+    cfg_name, config, model, flops, last = state.name, state.config, state.model, state.flops, state.last
+    case, case_error = None, None
+    try:
+        case = make_case(config, model, tasks, device, settings.seed)
+    except Exception as exc:
+        case_error = f"building the tasks failed: {_error(exc)}"
+    ref, ref_note = None, "the reference did not run at this point"
+    for method in methods:
+        rec = {"config": cfg_name, "tasks": tasks, "method": method.name, "kind": method.kind}
+        now = time.perf_counter()
+        predicted = None
+        if method.name in last:
+            t_prev, ms_prev = last[method.name]
+            predicted = ms_prev * tasks / t_prev / 1e3
+        if reasons[method.name]:
+            rec.update(status="unavailable", error=reasons[method.name])
+        elif case_error:
+            rec.update(status="failed", error=case_error)
+        elif deadline is not None and now > deadline:
+            rec.update(status="skipped", error=f"global time budget of {settings.budget_s:g} s spent")
+        elif predicted is not None and predicted > settings.max_call_s:
+            t_prev = last[method.name][0]
+            rec.update(status="skipped", error=f"predicted {predicted:.1f} s per call (from T={t_prev}) > "
+                                               f"max_call_s={settings.max_call_s:g}")
+        elif predicted is not None and deadline is not None and now + 2 * predicted > deadline:
+            rec.update(status="skipped", error=f"predicted {predicted:.1f} s per call: warm-up + one timed call "
+                                               "would overrun the global time budget")
+        else:
+            try:
+                m = _measure(method, case, settings, deadline)
+            except Exception as exc:
+                rec.update(status="failed", error=_error(exc))
+                m = None
+            if m is not None:
+                logits = m.pop("logits")
+                ms = m["ms_per_call"]
+                rec.update(status="ok", **m, ms_per_task=ms / tasks, tasks_per_s=tasks / (ms / 1e3))
+                tflops = flops * tasks / (ms / 1e3) / 1e12
+                peak = data["device"].get("peak_tflops")
+                rec.update(tflops=tflops, pct_peak=100 * tflops / peak if peak else None)
+                last[method.name] = (tasks, ms)
+                if case.query_y is not None and logits.shape[:2] == case.query_y.shape:
+                    rec["query_accuracy"] = float((logits.argmax(-1) == case.query_y).float().mean())
+                if method.name == REFERENCE:
+                    finite = bool(torch.isfinite(logits).all())
+                    ref = logits if finite else None
+                    ref_note = "reference logits are not finite" if not finite else ""
+                    rec["crosscheck"] = {"status": "oracle" if finite else "fail", "note": ref_note or "the oracle"}
+                else:
+                    rtol, atol = method.tolerance or (settings.rtol, settings.atol)
+                    rec["crosscheck"] = cross_check(logits, ref, atol, rtol, settings.min_fraction, ref_note)
+                del logits
+            _free(device)
+        if method.name == REFERENCE and rec["status"] != "ok":
+            ref_note = f"the reference was {rec['status']}: {rec.get('error', '')}"
+        data["results"].append(rec)
+        (out_dir / "bench.json").write_text(json.dumps(data, indent=1, default=str))
+        progress.step(f"{cfg_name} T={tasks} {method.name}: {rec['status']}")
+    del case, ref
+    _free(device)

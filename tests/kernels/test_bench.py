@@ -213,3 +213,19 @@ def test_tiny_matrix_on_cuda_every_method_cross_checks(tmp_path):
         assert r["status"] == "ok", r
         assert r["crosscheck"]["status"] in ("oracle", "pass"), r
         assert r["peak_mem_mb"] > 0
+
+
+def test_points_run_breadth_first_so_a_budget_cut_keeps_every_config(tmp_path):
+    from kernels.bench.harness import run_order
+
+    matrix = {"tiny": [2, 1], "tiny-20w": [1, 3]}
+    assert run_order(matrix) == [(1, "tiny"), (1, "tiny-20w"), (2, "tiny"), (3, "tiny-20w")]
+    data = run_bench(quick(matrix=matrix), tmp_path)
+    ran = [(r["config"], r["tasks"]) for r in data["results"] if r["method"] == "reference"]
+    assert ran == [("tiny", 1), ("tiny-20w", 1), ("tiny", 2), ("tiny-20w", 3)]
+    assert all(r["status"] == "ok" for r in data["results"])
+    # The per-config state carries across the interleaving: the ratio table still lists each config by T.
+    ratios = [(r["config"], r["tasks"]) for r in data["summary"]["reference_vs_per_task_loop"]]
+    assert sorted(ratios) == [("tiny", 1), ("tiny", 2), ("tiny-20w", 1), ("tiny-20w", 3)]
+    md = (tmp_path / "bench.md").read_text()
+    assert "## tiny:" in md and "## tiny-20w:" in md and (tmp_path / "bench_tiny-20w.png").exists()
