@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-PRECISIONS = ("ieee", "tf32x3", "tf32")
+from kernels.precision import PRECISIONS, check_precision  # noqa: F401  (re-exported)
 
 
 @triton.jit
@@ -155,12 +155,6 @@ def kernels_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(_bn_relu, InterpretedFunction)
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is unknown, expected one of {PRECISIONS}")
-    return precision
 
 
 def check_tensor(t, name: str, shape, dtype=torch.float32, device=None) -> torch.Tensor:

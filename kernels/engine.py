@@ -16,6 +16,7 @@ import os
 import torch
 
 from kernels.chunking import check_task_counts, default_budget, run_chunked, task_chunk
+from kernels.precision import check_precision
 from models.checkpoint import MetaModel
 from models.maml import AdaptResult
 from models.maml import adapt as reference_adapt
@@ -67,7 +68,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def make_backend(name: str, device: torch.device):
+def make_backend(name: str, device: torch.device, precision: str | None = None):
     if name == "reference":
         return ReferenceBackend(device)
     if name == "graph":
@@ -77,7 +78,7 @@ def make_backend(name: str, device: torch.device):
     if name == "triton":
         from kernels.triton_backend import TritonBackend
 
-        return TritonBackend(device)
+        return TritonBackend(device, precision=precision)
     raise NotImplementedError(f"backend {name!r} is not built yet")
 
 
@@ -88,12 +89,24 @@ class Engine:
     support_x [T, N*K, *input_shape], support_y [T, N*K] int64, query_x [T, Q, *input_shape].
     """
 
-    def __init__(self, backend: str = "auto", device: str | torch.device | None = None):
+    def __init__(self, backend: str = "auto", device: str | torch.device | None = None,
+                 precision: str | None = None):
+        """precision: the Triton kernels' dot-product precision (ieee | tf32x3 | tf32; default ieee or
+        $FASTADAPT_TRITON_PRECISION). Refused with another backend the caller chose; with `auto` it only applies
+        where auto picks triton (the same command line serves on a CPU box)."""
         if device is None or device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.backend_name = resolve_backend(backend, self.device)
-        self.backend = make_backend(self.backend_name, self.device)
+        if precision is not None:
+            check_precision(precision)
+            if self.backend_name != "triton":
+                if backend != "auto":
+                    raise ValueError(f"precision {precision!r} is an option of the triton backend, the backend is "
+                                     f"{self.backend_name!r}; expected --backend triton (or auto on a GPU)")
+                precision = None
+        self.backend = make_backend(self.backend_name, self.device, precision)
+        self.precision = getattr(self.backend, "precision", None)  # None: torch fp32 (no Triton kernels)
 
     def capture_failures(self) -> list[str]:
         """Why CUDA-graph captures failed (those buckets run eagerly: right results, launch-bound speed)."""

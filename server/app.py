@@ -40,6 +40,7 @@ class ServerConfig:
     port: int = 50051  # 0: any free port (see port_file)
     device: str = "auto"
     backend: str = "auto"
+    precision: str | None = None  # triton dots: ieee | tf32x3 | tf32 (None: $FASTADAPT_TRITON_PRECISION or ieee)
     max_batch: int = 256
     max_wait_ms: float = 1.0
     batch_wait: str = "adaptive"
@@ -89,7 +90,7 @@ async def start(config: ServerConfig) -> RunningServer:
             f"max_request_bytes={config.limits.max_request_bytes}, expected at most the transport limit "
             f"{TRANSPORT_LIMIT_BYTES}"
         )
-    engine = Engine(config.backend, config.device)
+    engine = Engine(config.backend, config.device, config.precision)
     plan = make_plan(config.warmup, config.warmup_shots, config.warmup_queries, engine.backend_name,
                      engine.device.type, config.max_batch, config.warmup_steps, config.warmup_models)
     metrics = ServerMetrics()
@@ -146,7 +147,8 @@ async def start(config: ServerConfig) -> RunningServer:
     await server.start()
     metrics.start_http(config.metrics_port, config.host)
     if config.port_file is not None:  # for launchers: where and how the server runs, written once it serves
-        ready = {"port": port, "device": str(engine.device), "backend": engine.backend_name, "models": registry.names(),
+        ready = {"port": port, "device": str(engine.device), "backend": engine.backend_name,
+                 "precision": engine.precision, "models": registry.names(),
                  "warmup_s": warmup_s}
         tmp = Path(f"{config.port_file}.tmp")
         tmp.write_text(json.dumps(ready) + "\n")
@@ -158,6 +160,7 @@ async def start(config: ServerConfig) -> RunningServer:
             "address": f"{config.host}:{port}",
             "device": str(engine.device),
             "backend": engine.backend_name,
+            "precision": engine.precision,
             "models": registry.names(),
             "allocator": allocator_state(),
             "max_request_bytes": MAX_REQUEST_BYTES,

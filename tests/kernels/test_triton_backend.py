@@ -388,3 +388,18 @@ def test_gpu_tensor_core_precisions():
     _, fast = TritonBackend(DEV, precision="tf32").adapt_predict(model, sx, sy, qx, steps=1)
     scale = float(exact.abs().max())
     assert float((fast - exact).abs().max()) <= 1e-2 * scale
+
+
+def test_engine_precision_reaches_the_triton_backend_and_is_refused_elsewhere(monkeypatch):
+    monkeypatch.delenv("FASTADAPT_TRITON_PRECISION", raising=False)
+    assert Engine("triton", device=DEV).precision == "ieee"
+    engine = Engine("triton", device=DEV, precision="tf32x3")
+    assert engine.precision == "tf32x3" and engine.backend.precision == "tf32x3"
+    with pytest.raises(ValueError, match=r"precision 'tf32x3' is an option of the triton backend, the backend is "
+                                         r"'reference'"):
+        Engine("reference", device="cpu", precision="tf32x3")
+    with pytest.raises(ValueError, match=r"precision 'fp16' is unknown, expected one of \('ieee', 'tf32x3', 'tf32'\)"):
+        Engine("triton", device=DEV, precision="fp16")
+    # `auto` on the CPU picks the reference: the same command line that asks a GPU box for tf32x3 still serves here.
+    cpu = Engine("auto", device="cpu", precision="tf32x3")
+    assert cpu.backend_name == "reference" and cpu.precision is None

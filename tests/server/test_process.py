@@ -65,3 +65,15 @@ def test_served_results_match_between_processes(tiny_model_dir, server):
         b = local.adapt_and_predict("tiny-5w-td", sx, sy, qx)[1].logits
         assert process.stop() == 0
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_precision_flag_reaches_the_engine_and_a_wrong_one_is_named(tiny_model_dir, tmp_path):
+    from server.__main__ import parse_args
+
+    assert parse_args(["--precision", "tf32x3"]).precision == "tf32x3"
+    assert parse_args([]).precision is None
+    run = subprocess.run([sys.executable, "-m", "server", "--model-dir", str(tiny_model_dir), "--port", "0",
+                          "--device", "cpu", "--backend", "reference", "--precision", "tf32"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "precision 'tf32' is an option of the triton backend, the backend is 'reference'" in run.stderr
