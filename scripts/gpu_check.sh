@@ -24,7 +24,7 @@ DRY=${GPU_CHECK_DRY:-0}
 
 if [ "$DRY" = 1 ]; then
     [ -z "${PY:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-    TOTAL_S=${GPU_CHECK_TOTAL_S:-300}; PYTEST_S=${GPU_CHECK_PYTEST_S:-120}; SELFTEST_S=${GPU_CHECK_SELFTEST_S:-60}
+    TOTAL_S=${GPU_CHECK_TOTAL_S:-420}; PYTEST_S=${GPU_CHECK_PYTEST_S:-120}; SELFTEST_S=${GPU_CHECK_SELFTEST_S:-200}
     BENCH_BUDGET_S=${GPU_CHECK_BENCH_BUDGET_S:-60}; BENCH_ARGS=(--matrix tiny --repeats 2 --threads 1)
     PROFILE_ARGS=(--config tiny --tasks 1,2 --threads 1)
 else
