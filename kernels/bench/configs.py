@@ -68,7 +68,7 @@ MATRICES: dict[str, dict[str, list[int]]] = {
         "omniglot-20w1s": [1, 16, 128, 1024],
         "miniimagenet-5w1s": [1, 16, 128, 1024],
     },
-    "cpu": {"omniglot-5w1s": [1, 16], "omniglot-20w1s": [1, 4], "miniimagenet-5w1s": [1]},
+    "cpu": {"omniglot-5w1s": [1, 16, 64], "omniglot-20w1s": [1, 4], "miniimagenet-5w1s": [1]},
     "tiny": {"tiny": [1, 2]},
 }
 
