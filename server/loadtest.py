@@ -106,7 +106,7 @@ def in_process(levels: list[dict], model_dir: Path, name: str, device: str, back
     BatchRunner (preprocessing and host copies included, gRPC and the batcher's queue not) and the ratio to it."""
     from kernels.engine import Engine
     from server.registry import ModelRegistry
-    from server.runner import BatchRunner
+    from server.runner import BatchRunner, first_failure
     from server.warmup import WarmupPlan, warm_jobs
 
     engine = Engine(backend, device)
@@ -121,7 +121,7 @@ def in_process(levels: list[dict], model_dir: Path, name: str, device: str, back
             t0 = time.perf_counter()
             outcomes = runner(jobs[0].key, jobs)  # returns host arrays: the device work is done
             times.append(time.perf_counter() - t0)
-            failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            failed = first_failure(outcomes)
             if failed is not None:
                 raise RuntimeError(f"in-process run of {tasks} tasks failed: {failed}")
         call_s = float(np.median(times[1:]))  # the first call may compile or capture

@@ -28,6 +28,11 @@ def needs_support_stats(model: MetaModel) -> bool:
     return model.spec.bn_policy == "support" and model.spec.arch != "mlp-sinusoid"
 
 
+def first_failure(outcomes: list) -> BaseException | None:
+    """The first outcome of a BatchRunner call that is an error (one task's own failure), or None."""
+    return next((o for o in outcomes if isinstance(o, BaseException)), None)
+
+
 def _task_shape(job) -> str:
     if isinstance(job, AdaptJob):
         queries = 0 if job.query_x is None else job.query_x.shape[0]

@@ -23,7 +23,7 @@ import numpy as np
 
 from server.batcher import DynamicBatcher
 from server.registry import ModelRegistry
-from server.runner import AdaptJob, BatchRunner
+from server.runner import AdaptJob, BatchRunner, first_failure
 from server.telemetry import get_logger
 
 AUTO_MAX_TASKS = 64
@@ -132,7 +132,7 @@ async def warm_up(plan: WarmupPlan, registry: ModelRegistry, runner: BatchRunner
                                       f"{type(exc).__name__}: {exc} (--warmup none skips the warm-up)") from exc
                 if len(outcomes) != tasks:
                     raise WarmupError(f"warm-up of model {name!r} with {tasks} tasks returned {len(outcomes)} results")
-                failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+                failed = first_failure(outcomes)
                 if failed is not None:  # e.g. one task that does not fit in the device's memory
                     raise WarmupError(f"warm-up of model {name!r} with {tasks} tasks failed: {failed} (--warmup "
                                       "none skips the warm-up; smaller --warmup counts or queries may fit)")

@@ -12,6 +12,7 @@ import platform
 
 import torch
 
+from kernels.cpu_tuning import allocator_state
 from models.functional import MLP_OMNIGLOT_HIDDEN, MLP_SINUSOID_HIDDEN
 from models.spec import ModelSpec
 
@@ -110,8 +111,6 @@ def device_info(device: torch.device, peak_tflops: float | None = None) -> dict:
                     capability=f"{props.major}.{props.minor}", memory_gb=round(props.total_memory / 2**30, 1),
                     sms=props.multi_processor_count)
     else:
-        from kernels.cpu_tuning import allocator_state
-
         info.update(name=f"CPU: {cpu_name()}", threads=torch.get_num_threads(), cores=os.cpu_count(),
                     load_average=[round(x, 2) for x in os.getloadavg()],  # other processes skew CPU timings
                     allocator=allocator_state())
