@@ -11,7 +11,7 @@
 #   all that are enabled), so a lease can be split into calls.
 #   PY (python3)  GPU_CHECK_TOTAL_S (570)  GPU_CHECK_PYTEST_S (150)  GPU_CHECK_SELFTEST_S (90)
 #   GPU_CHECK_BENCH_BUDGET_S (240: the benchmark's own budget, it records the points it had no time for as skipped)
-#   GPU_CHECK_PROFILE_S (60: kernels.profile_adapt, per-kernel times at T=1 and 128)
+#   GPU_CHECK_PROFILE_S (60: kernels.bench.profile, per-kernel times at T=1 and 128)
 #   GPU_CHECK_HIGHER_DIR: a folder holding the pure-Python `higher` package, for a box without it (default: looks in
 #   .venv/lib/python*/site-packages/higher, so carrying that one folder is enough).
 set -u
@@ -110,10 +110,10 @@ stage environment 60 environment
 if [ "${GPU_CHECK_TRAIN_S:-0}" -gt 0 ]; then
     stage train "$GPU_CHECK_TRAIN_S" bash scripts/gpu_train.sh "$RESULTS_DIR"
 fi
-if [ -f kernels/gpu_selftest.py ]; then
+if [ -f kernels/checks/gpu_selftest.py ]; then
     SELFTEST_ENV=()  # the CPU rehearsal runs the self-test's tiny shapes under the Triton interpreter
     [ "$DRY" = 1 ] && SELFTEST_ENV=(env FASTADAPT_SELFTEST_DEVICE=cpu TRITON_INTERPRET=1)
-    stage gpu-selftest "$SELFTEST_S" "${SELFTEST_ENV[@]}" "$PY" -m kernels.gpu_selftest --out "$RESULTS_DIR/selftest.json" \
+    stage gpu-selftest "$SELFTEST_S" "${SELFTEST_ENV[@]}" "$PY" -m kernels.checks.gpu_selftest --out "$RESULTS_DIR/selftest.json" \
         --precisions "${GPU_CHECK_PRECISIONS:-ieee,tf32x3}" $([ "$DRY" = 1 ] && echo --tiny)
 else
     echo "gpu-selftest absent 0" >> "$SUMMARY"
@@ -125,7 +125,7 @@ stage bench $(( BENCH_BUDGET_S + 60 )) "$PY" -m kernels.bench --out "$RESULTS_DI
     --budget-s "$BENCH_BUDGET_S" ${GPU_CHECK_BENCH_EXTRA:-}
 
 # PROFILE: per-kernel time of one adapt + predict at T=1 and T=128, and the launch gaps (what to optimize next).
-stage profile "${GPU_CHECK_PROFILE_S:-60}" "$PY" -m kernels.profile_adapt --out "$RESULTS_DIR/profile" \
+stage profile "${GPU_CHECK_PROFILE_S:-60}" "$PY" -m kernels.bench.profile --out "$RESULTS_DIR/profile" \
     "${PROFILE_ARGS[@]}"
 
 # GPU tests after the benchmark: the self-test and the benchmark have compiled the common kernels by then.
@@ -133,7 +133,7 @@ stage profile "${GPU_CHECK_PROFILE_S:-60}" "$PY" -m kernels.profile_adapt --out 
 # Most telling first (a timeout then cuts the least): whole adaptations and 1024-task batches, the graph backend and
 # trainer capture, the bench cross-check, then the per-kernel cases the self-test already covered at full size.
 GPU_TEST_ORDER=(tests/kernels/test_triton_backend.py tests/kernels/test_graph_backend.py tests/trainer
-    tests/kernels/test_bench.py tests/kernels/test_profile_adapt.py tests/kernels/test_head_kernels.py
+    tests/kernels/test_bench.py tests/kernels/test_profile.py tests/kernels/test_head_kernels.py
     tests/kernels/test_conv_kernels.py tests)
 stage pytest-gpu "$PYTEST_S" "$PY" -m pytest -q -m gpu -rfEs --durations 15 --continue-on-collection-errors \
     "${GPU_TEST_ORDER[@]}"

@@ -7,9 +7,9 @@ import asyncio
 import sys
 from pathlib import Path
 
-from kernels.cpu_tuning import tune_cpu_allocator
 from kernels.engine import BACKENDS
-from kernels.precision import PRECISIONS
+from kernels.engine.precision import PRECISIONS
+from models.runtime import tune_cpu_allocator
 from server.app import ServerConfig, serve
 from server.batcher import WAIT_POLICIES
 from server.telemetry import configure, get_logger
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    tune_cpu_allocator()  # before the engine thread starts: it must share the tuned heap (see kernels.cpu_tuning)
+    tune_cpu_allocator()  # before the engine thread starts: it must share the tuned heap (see models.runtime)
     try:
         return asyncio.run(serve(config))
     except (OSError, ValueError, NotImplementedError, WarmupError) as exc:  # start-up: folder, port, warm-up ...

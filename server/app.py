@@ -19,8 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kernels.cpu_tuning import allocator_state
 from kernels.engine import Engine
+from models.runtime import allocator_state
 from server.batcher import DynamicBatcher
 from server.cache import AdaptationCache
 from server.registry import ModelRegistry

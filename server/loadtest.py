@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 import torch
 
-from kernels.cpu_tuning import allocator_state, tune_cpu_allocator
+from models.runtime import allocator_state, tune_cpu_allocator
 from server.client import FastAdaptClient, adapt_and_predict_request
 from server.launch import REPO_ROOT, ServerProcess, prepare_model_dir
 from server.wire import channel_options, pb_grpc

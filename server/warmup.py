@@ -44,7 +44,7 @@ class WarmupPlan:
 
 def bucket_sizes(limit: int) -> list[int]:
     """The task-count buckets of the Triton backend (1, 2, 3, 4, 6, 8, 12, 16, ...) up to limit."""
-    from kernels.triton_backend import task_bucket
+    from kernels.engine.fused import task_bucket
 
     sizes, n = [], 1
     while n <= limit:

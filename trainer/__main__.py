@@ -7,8 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from kernels.cpu_tuning import tune_cpu_allocator
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.runtime import tune_cpu_allocator
 from trainer.config import config_from_args
 from trainer.evaluate import evaluate, results_markdown
 from trainer.plots import plot_steps, plot_training

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_tuning import tune_cpu_allocator
 from models.functional import forward
+from models.runtime import tune_cpu_allocator
 from trainer.config import CONFIGS
 from trainer.meta import MetaLearner
 from trainer.train import model_spec

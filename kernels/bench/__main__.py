@@ -12,7 +12,7 @@ from kernels.bench.configs import CONFIGS, MATRICES
 from kernels.bench.harness import BenchSettings, run_bench
 from kernels.bench.methods import METHODS
 from kernels.bench.report import replot
-from kernels.cpu_tuning import tune_cpu_allocator
+from models.runtime import tune_cpu_allocator
 
 BUDGET_ENV = "FASTADAPT_BENCH_BUDGET_S"
 

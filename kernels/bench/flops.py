@@ -12,8 +12,8 @@ import platform
 
 import torch
 
-from kernels.cpu_tuning import allocator_state
 from models.functional import MLP_OMNIGLOT_HIDDEN, MLP_SINUSOID_HIDDEN
+from models.runtime import allocator_state
 from models.spec import ModelSpec
 
 # fp32 without tensor cores (the benchmark turns TF32 off so every method computes the same fp32 function), TFLOP/s.

@@ -38,7 +38,7 @@ def _engine(backend: str, device: torch.device, precision: str | None = None):
 
     engine = Engine(backend=backend, device=device)
     if precision is not None:  # the fused kernels with tensor-core dot products (accuracy cost: see the cross-check)
-        from kernels.triton_backend import TritonBackend
+        from kernels.engine.fused import TritonBackend
 
         engine.backend = TritonBackend(device, precision=precision)
     return engine
@@ -90,7 +90,7 @@ def engine_method(backend: str, precision: str | None = None) -> Method:
     if precision is not None:
         name, describe = f"{backend}-{precision}", f"{describe}, tl.dot input precision {precision}"
     if precision == "tf32":  # one TF32 pass rounds every dot operand to 10 mantissa bits: its own, wider tolerance
-        from kernels.block_reference import TOLERANCES
+        from kernels.checks.oracles import TOLERANCES
 
         tolerance = TOLERANCES[(torch.float32, "tf32")]
         describe += f" (cross-checked at rtol/atol {tolerance[0]:g}: the accuracy cost is the recorded difference)"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.block_reference import exact_torch
-from kernels.chunking import (
+from kernels.checks.oracles import exact_torch
+from kernels.engine import ReferenceBackend
+from kernels.engine.chunking import (
     INDEX_LIMIT,
     default_budget,
     largest_tensor_elements,
@@ -14,8 +15,7 @@ from kernels.chunking import (
     task_bytes,
     task_chunk,
 )
-from kernels.engine import ReferenceBackend
-from kernels.graph_backend import GraphBackend
+from kernels.engine.graph import GraphBackend
 from models.checkpoint import MetaModel
 from models.functional import init_params
 from models.maml import AdaptResult

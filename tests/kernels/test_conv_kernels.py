@@ -9,9 +9,9 @@ On CUDA the same cases run compiled, plus full-size shapes (marked gpu).
 import pytest
 import torch
 
-from kernels.block_reference import TOLERANCES, conv_block_case
-from kernels.conv_grad_kernels import conv_bn_backward_sgd
-from kernels.conv_kernels import BNInput, conv_bn_forward
+from kernels.checks.oracles import TOLERANCES, conv_block_case
+from kernels.fused.conv_backward import conv_bn_backward_sgd
+from kernels.fused.conv_forward import BNInput, conv_bn_forward
 from tests.kernels.precisions import DEV, PRECISIONS  # noqa: F401
 from tests.kernels.precisions import with_precisions as _with_precisions
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels.engine import Engine
-from kernels.graph_backend import GraphBackend, bucket_key
+from kernels.engine.graph import GraphBackend, bucket_key
 from models.checkpoint import MetaModel
 from models.functional import init_params
 from models.maml import adapt, predict
@@ -158,7 +158,7 @@ def test_a_bucket_whose_capture_fails_runs_eagerly_and_stays_correct(caplog):
     backend, model = GraphBackend("cpu", capture=False), make_model()
     backend.capture = True  # as on a GPU: every new bucket tries a CUDA graph first
     sx, sy, qx = make_tasks(2, seed=3)
-    with caplog.at_level("WARNING", logger="kernels.graph_backend"):
+    with caplog.at_level("WARNING", logger="kernels.engine.graph"):
         for _ in range(2):  # built once (capture fails, eager bucket), then reused
             res, logits = backend.adapt_predict(model, sx, sy, qx, 2, 0.4)
             assert_matches_reference(res, logits, model, sx, sy, qx, 2, 0.4)
@@ -208,7 +208,7 @@ def test_graph_replay_tracks_new_lr_and_meta_sgd_on_cuda():
 def test_after_a_failed_capture_on_cuda_the_eager_fallback_is_right(monkeypatch):
     """A capture that fails on the GPU (a host sync inside it, the failure the H200 showed) leaves the bucket eager
     and its results equal the reference's: the failed capture does not poison what runs after it."""
-    from kernels import graph_backend
+    from kernels.engine import graph as graph_backend
 
     real = graph_backend._Bucket._capture
 

@@ -8,8 +8,8 @@ the spatial mean (conv4-omniglot, 2x2 and 1x1 maps) and the 2x2 max-pool + flatt
 import pytest
 import torch
 
-from kernels.block_reference import TOLERANCES, head_case
-from kernels.head_kernels import HeadResult, head_step
+from kernels.checks.oracles import TOLERANCES, head_case
+from kernels.fused.head import HeadResult, head_step
 from tests.kernels.precisions import DEV, PRECISIONS  # noqa: F401
 from tests.kernels.precisions import with_precisions as _with_precisions
 

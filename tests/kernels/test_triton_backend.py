@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from kernels.block_reference import adapt_error_ratio
+from kernels.checks.oracles import adapt_error_ratio
 from kernels.engine import Engine, resolve_backend
-from kernels.fused_adapt import workspace_bytes_per_task
-from kernels.triton_backend import TritonBackend, task_bucket
+from kernels.engine.fused import TritonBackend, task_bucket
+from kernels.fused.program import workspace_bytes_per_task
 from models.checkpoint import MetaModel, load_checkpoint
 from models.functional import init_params
 from models.maml import adapt as reference_adapt
@@ -189,7 +189,7 @@ def test_a_bucket_whose_capture_fails_launches_eagerly(tiny, monkeypatch, caplog
     backend = TritonBackend(DEV)
     backend.use_graphs = True
     whole, whole_logits = TritonBackend(DEV, use_graphs=False).adapt_predict(model, sx, sy, qx, steps=1, track=True)
-    with caplog.at_level("WARNING", logger="kernels.triton_backend"):
+    with caplog.at_level("WARNING", logger="kernels.engine.fused"):
         for _ in range(2):
             got, logits = backend.adapt_predict(model, sx, sy, qx, steps=1, track=True)
             _assert_params_close(got.params, whole.params, "fast weights after a failed capture")
@@ -271,7 +271,7 @@ def test_mlp_falls_back_to_reference_with_a_note(caplog):
     model = _model(spec, seed=6)
     x = torch.rand(2, 5, 1, device=DEV)
     y = torch.rand(2, 5, 1, device=DEV)
-    with caplog.at_level(logging.WARNING, logger="kernels.triton_backend"):
+    with caplog.at_level(logging.WARNING, logger="kernels.engine.fused"):
         got = TritonBackend(DEV).adapt(model, x, y, steps=2, lr=0.01, track=True)
     assert "reference path" in caplog.text and "mlp-sinusoid" in caplog.text
     want = reference_adapt(spec, model.params, x, y, 2, 0.01, track=True)

@@ -103,8 +103,8 @@ def test_cli_exits_2_on_bad_warmup_arguments(tiny_model_dir, capsys, args, needl
 
 
 def test_a_warmup_larger_than_the_graph_cache_is_flagged():
-    from kernels.graph_backend import GraphBackend
-    from kernels.triton_backend import TritonBackend
+    from kernels.engine.fused import TritonBackend
+    from kernels.engine.graph import GraphBackend
 
     plan = WarmupPlan(tuple(bucket_sizes(64)))  # 12 task counts
     assert capacity_warning(plan, 3, 64) is None and capacity_warning(plan, 3, None) is None

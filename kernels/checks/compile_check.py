@@ -1,6 +1,6 @@
 """Compile every kernel specialization the triton backend launches, for a GPU architecture, on a machine without one.
 
-    python -m kernels.compile_check [--arch 90] [--precisions ieee,tf32x3,tf32] [--usage] [--only NAME]
+    python -m kernels.checks.compile_check [--arch 90] [--precisions ieee,tf32x3,tf32] [--usage] [--only NAME]
 
 The Triton interpreter (the CPU test path) accepts code the GPU compiler rejects (loop-carried type changes,
 non-power-of-two aranges, dot shapes under 16, ...). This runs the real AdaptProgram / predict sequence for the
@@ -27,8 +27,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels.common as common
-from kernels.fused_adapt import AdaptProgram, predict_conv4
+import kernels.fused.common as common
+from kernels.fused.program import AdaptProgram, predict_conv4
 from models.functional import init_params
 from models.spec import ModelSpec
 
@@ -88,8 +88,8 @@ def collect(precisions) -> dict:
         (ModelSpec("o20", "conv4-omniglot", ways=20, inner_lr=0.1, steps=2), 5, 20),
         (ModelSpec("m5", "conv4-miniimagenet", ways=5, inner_lr=0.01, steps=2), 1, 75),
     ]
-    import kernels.conv_grad_kernels as cg
-    import kernels.conv_kernels as ck
+    import kernels.fused.conv_backward as cg
+    import kernels.fused.conv_forward as ck
 
     blocks = (ck.fwd_blocks, cg.bwd_blocks)
     ck.fwd_blocks = lambda *a: blocks[0](*a[:-1], cuda)

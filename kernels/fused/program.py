@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.conv_grad_kernels import conv_bn_backward_sgd
-from kernels.conv_kernels import BNInput, conv_bn_forward, conv_out_size
-from kernels.head_kernels import HeadResult, head_features, head_step
+from kernels.fused.conv_backward import conv_bn_backward_sgd
+from kernels.fused.conv_forward import BNInput, conv_bn_forward, conv_out_size
+from kernels.fused.head import HeadResult, head_features, head_step
 from models.functional import param_shapes
 from models.spec import ModelSpec
 

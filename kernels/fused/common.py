@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.precision import PRECISIONS, check_precision  # noqa: F401  (re-exported)
+from kernels.engine.precision import PRECISIONS, check_precision  # noqa: F401  (re-exported)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (
+from kernels.fused.common import (
     _act_backprop,
     _act_load,
     _bn_coeffs,
@@ -32,7 +32,7 @@ from kernels.common import (
     next_pow2,
     task_stride,
 )
-from kernels.conv_kernels import BNInput
+from kernels.fused.conv_forward import BNInput
 from models.functional import BN_EPS
 
 

@@ -6,7 +6,7 @@
 - `auto`: `triton` on CUDA, `reference` on the CPU.
 
 Serving adapts first-order (no graph through the steps is kept). All backends return the same results to the
-tolerance stated in tests/kernels, for any number of tasks: large batches run in task chunks (kernels.chunking).
+tolerance stated in tests/kernels, for any number of tasks: large batches run in task chunks (kernels.engine.chunking).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from kernels.chunking import check_task_counts, default_budget, run_chunked, task_chunk
-from kernels.precision import check_precision
+from kernels.engine.chunking import check_task_counts, default_budget, run_chunked, task_chunk
+from kernels.engine.precision import check_precision
 from models.checkpoint import MetaModel
 from models.maml import AdaptResult
 from models.maml import adapt as reference_adapt
@@ -27,7 +27,7 @@ BACKENDS = ("auto", "reference", "graph", "triton")
 
 class ReferenceBackend:
     """Torch autograd over the task-stacked forward; batches too large for one call run in task chunks
-    (kernels.chunking: the 32-bit index limit of GPU convolutions, and a memory budget)."""
+    (kernels.engine.chunking: the 32-bit index limit of GPU convolutions, and a memory budget)."""
 
     name = "reference"
 
@@ -72,11 +72,11 @@ def make_backend(name: str, device: torch.device, precision: str | None = None):
     if name == "reference":
         return ReferenceBackend(device)
     if name == "graph":
-        from kernels.graph_backend import GraphBackend
+        from kernels.engine.graph import GraphBackend
 
         return GraphBackend(device)
     if name == "triton":
-        from kernels.triton_backend import TritonBackend
+        from kernels.engine.fused import TritonBackend
 
         return TritonBackend(device, precision=precision)
     raise NotImplementedError(f"backend {name!r} is not built yet")

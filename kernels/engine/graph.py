@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.chunking import check_task_counts, default_budget, run_chunked, task_chunk
+from kernels.engine.chunking import check_task_counts, default_budget, run_chunked, task_chunk
 from models.checkpoint import MetaModel
 from models.maml import AdaptResult
 from models.maml import adapt as reference_adapt
@@ -256,7 +256,7 @@ class GraphBackend:
         return self._adapt_predict(model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast)
 
     def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
-        """Large batches run as task chunks (kernels.chunking), each chunk a bucket of its own."""
+        """Large batches run as task chunks (kernels.engine.chunking), each chunk a bucket of its own."""
         spec = model.spec
         policy = bn_policy or spec.bn_policy
         needs_support = policy == "support" and spec.arch != "mlp-sinusoid"
@@ -297,7 +297,7 @@ class GraphBackend:
             return self._run_bucket(key, run, values, {}).clone()
 
     def _adapt_predict(self, model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast):
-        """Checks the inputs once, then runs task chunks (kernels.chunking), each a bucket of its own."""
+        """Checks the inputs once, then runs task chunks (kernels.engine.chunking), each a bucket of its own."""
         spec = model.spec
         self._check_meta(model)
         if steps < 0:

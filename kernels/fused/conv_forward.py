@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (
+from kernels.fused.common import (
     _act_load,
     _bn_coeffs,
     _bn_scale_shift,
@@ -105,7 +105,7 @@ def _conv_fwd_kernel(
                 acc = tl.dot(a, wt, acc, input_precision=PRECISION)
     acc += tl.load(b_ptr + t * b_st + co, mask=comask, other=0.0)[None, :]
     tl.store(z_ptr + (t * B * hwo + p)[:, None] * COUT + co[None, :], acc, mask=pmask[:, None] & comask[None, :])
-    # Batch statistics: block-local two-pass moments, combined across blocks in fp64 (see kernels.common).
+    # Batch statistics: block-local two-pass moments, combined across blocks in fp64 (see kernels.fused.common).
     srow = pmask & (b < STAT_B)
     n = tl.sum(srow.to(tl.int32), axis=0)
     sm = srow[:, None] & comask[None, :]

@@ -1,4 +1,4 @@
-"""kernels.cpu_tuning: large tensors stop coming from (and going back to) mmap once the allocator is tuned."""
+"""models.runtime: large tensors stop coming from (and going back to) mmap once the allocator is tuned."""
 
 import json
 import os
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROBE = r"""
 import ctypes, json, sys, threading
 import torch
-from kernels.cpu_tuning import allocator_state, tune_cpu_allocator
+from models.runtime import allocator_state, tune_cpu_allocator
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in

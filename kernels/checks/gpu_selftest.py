@@ -1,6 +1,6 @@
 """One-shot GPU check of the fused kernels: compile every kernel at full size, compare with torch, time adapt.
 
-    python -m kernels.gpu_selftest [--out results/selftest.json] [--precisions ieee,tf32x3,tf32] [--jobs 8]
+    python -m kernels.checks.gpu_selftest [--out results/selftest.json] [--precisions ieee,tf32x3,tf32] [--jobs 8]
                                    [--no-timing]
 
 Prints one line per check (PASS / FAIL / ERROR with the first lines of a compile error) and a timing table:
@@ -10,7 +10,7 @@ one specialization at a time per process and they share the on-disk cache, so th
 A compile error in one check does not hide the others. Exit status 1 when any check fails.
 
 Dry run of this script on a machine without a GPU (interpreter, tiny shapes, minutes):
-    TRITON_INTERPRET=1 FASTADAPT_SELFTEST_DEVICE=cpu python -m kernels.gpu_selftest --tiny --jobs 2
+    TRITON_INTERPRET=1 FASTADAPT_SELFTEST_DEVICE=cpu python -m kernels.checks.gpu_selftest --tiny --jobs 2
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from kernels.block_reference import TOLERANCES, adapt_error_ratio, conv_block_case, exact_torch, head_case
-from kernels.conv_grad_kernels import conv_bn_backward_sgd
-from kernels.conv_kernels import conv_bn_forward
-from kernels.head_kernels import head_step
-from kernels.triton_backend import TritonBackend
+from kernels.checks.oracles import TOLERANCES, adapt_error_ratio, conv_block_case, exact_torch, head_case
+from kernels.engine.fused import TritonBackend
+from kernels.fused.conv_backward import conv_bn_backward_sgd
+from kernels.fused.conv_forward import conv_bn_forward
+from kernels.fused.head import head_step
 from models.checkpoint import MetaModel
 from models.functional import init_params
 from models.spec import ModelSpec

@@ -1,6 +1,6 @@
 """Where one adapt + predict call spends its time: a per-kernel (GPU) or per-operator (CPU) profile.
 
-    python -m kernels.profile_adapt [--config omniglot-5w1s] [--tasks 1,128] [--backend auto] [--precision ieee]
+    python -m kernels.bench.profile [--config omniglot-5w1s] [--tasks 1,128] [--backend auto] [--precision ieee]
                                     [--calls 5] [--out results/profile]
 
 For each T it times the call as served (`graph ms`: the CUDA-graph replay on a GPU backend) and profiles the same
@@ -84,11 +84,11 @@ def profile_rows(backend, case, calls: int) -> tuple[list[dict], float, str]:
 def eager_twin(backend):
     """The same backend without CUDA graphs (so the profiler sees each kernel), or the backend itself."""
     if getattr(backend, "use_graphs", False):  # triton
-        from kernels.triton_backend import TritonBackend
+        from kernels.engine.fused import TritonBackend
 
         return TritonBackend(backend.device, precision=backend.precision, use_graphs=False)
     if getattr(backend, "capture", False):  # graph
-        from kernels.graph_backend import GraphBackend
+        from kernels.engine.graph import GraphBackend
 
         return GraphBackend(backend.device, capture=False, budget_bytes=backend.budget_bytes)
     return backend
@@ -102,7 +102,7 @@ def run(config: str, task_counts: list[int], backend: str, device: str, calls: i
         if engine.backend_name != "triton":
             raise ValueError(f"--precision {precision} is a triton backend option, the backend is "
                              f"{engine.backend_name!r}")
-        from kernels.triton_backend import TritonBackend
+        from kernels.engine.fused import TritonBackend
 
         served = TritonBackend(engine.device, precision=precision)
     profiled = eager_twin(served)
@@ -146,7 +146,7 @@ def to_markdown(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.profile_adapt", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kernels.bench.profile", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="omniglot-5w1s", choices=sorted(CONFIGS))
     p.add_argument("--tasks", default="1,128", help="comma-separated task counts")
     p.add_argument("--backend", default="auto")

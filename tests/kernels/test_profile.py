@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kernels.profile_adapt import main
+from kernels.bench.profile import main
 
 
 def test_cpu_profile_of_the_reference_writes_a_table_that_adds_up(tmp_path, capsys):
@@ -33,8 +33,8 @@ def test_bad_arguments_name_the_value(tmp_path, capsys, args, needle):
 
 
 def test_the_profiled_twin_of_a_graph_backend_launches_eagerly():
-    from kernels.graph_backend import GraphBackend
-    from kernels.profile_adapt import eager_twin
+    from kernels.bench.profile import eager_twin
+    from kernels.engine.graph import GraphBackend
 
     eager = GraphBackend("cpu", capture=False, budget_bytes=123)
     assert eager_twin(eager) is eager

@@ -1,6 +1,6 @@
 """Pure-torch oracles for single fused kernels: one conv block (forward, and backward by autograd) and the head.
 
-The kernel tests and kernels.gpu_selftest compare every launcher with these. They use only F.conv2d (grouped,
+The kernel tests and kernels.checks.gpu_selftest compare every launcher with these. They use only F.conv2d (grouped,
 tasks folded into channels as models.functional does), F.batch_norm / explicit batch statistics, F.max_pool2d
 and autograd, so they share no code with the kernels. Layouts follow the kernels: activations NHWC per task.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.conv_kernels import BNInput
+from kernels.fused.conv_forward import BNInput
 from models.functional import BN_EPS
 
 

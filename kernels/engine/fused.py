@@ -1,4 +1,4 @@
-"""The `triton` engine backend: the fused kernels of kernels.fused_adapt behind the ReferenceBackend interface.
+"""The `triton` engine backend: the fused kernels of kernels.fused.program behind the ReferenceBackend interface.
 
 On CUDA the whole K-step adapt (+ predict, with `adapt_predict`) of one shape bucket is captured once in a CUDA
 graph and replayed: ~9 launches per step would otherwise cost more in launch overhead than in work at T=1.
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.common import check_precision, kernels_interpreted
-from kernels.fused_adapt import TRITON_ARCHS, AdaptProgram, predict_conv4, workspace_bytes_per_task
+from kernels.fused.common import check_precision, kernels_interpreted
+from kernels.fused.program import TRITON_ARCHS, AdaptProgram, predict_conv4, workspace_bytes_per_task
 from models.checkpoint import MetaModel
 from models.functional import param_shapes
 from models.maml import AdaptResult

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (
+from kernels.fused.common import (
     _act_backprop,
     _act_load,
     _bn_coeffs,
@@ -37,7 +37,7 @@ from kernels.common import (
     sm_count,
     task_stride,
 )
-from kernels.conv_kernels import BNInput, conv_out_size
+from kernels.fused.conv_forward import BNInput, conv_out_size
 from models.functional import BN_EPS
 
 
