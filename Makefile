@@ -2,10 +2,19 @@
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha1sum | cut -c1-12)
+# `make bench`, `make loadtest` and `make demo` write their files under $(RESULTS)/ (results/ is gitignored; the runs
+# the README quotes are copied into docs/results/ with the command that produced them).
 RESULTS ?= results
+# Omniglot: $FASTADAPT_OMNIGLOT when set, else ../shared/data/omniglot where it exists, else data/omniglot (gitignored),
+# where `make data` fetches the official archives once. Exported: the demo, the tests and the trainer read the same one.
+OMNIGLOT_SHARED := ../shared/data/omniglot
+OMNIGLOT := $(or $(FASTADAPT_OMNIGLOT),$(if $(wildcard $(OMNIGLOT_SHARED)/images_background*),$(OMNIGLOT_SHARED),data/omniglot))
+export FASTADAPT_OMNIGLOT := $(abspath $(OMNIGLOT))
 export PYTHONUNBUFFERED := 1
+# Extra arguments for `make serve` / `make demo`, e.g. `make serve ARGS="--port 50052 --backend triton"`.
+ARGS ?=
 
-.PHONY: setup test test-fast lint demo serve loadtest protos bench train-omniglot train-omniglot-20w gpu-check clean
+.PHONY: setup data test test-fast lint demo serve loadtest protos bench predict-cost train-omniglot train-omniglot-20w gpu-check clean
 
 setup: $(STAMP)
 
@@ -14,8 +23,17 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
-test: setup
+# A no-op where the data is; otherwise downloads images_{background,evaluation}.zip (md5-checked, progress bar).
+data: setup
+	@$(PY) -m trainer.data.fetch "$(FASTADAPT_OMNIGLOT)"
+
+test: setup data
 	$(PY) -m pytest -q tests
+
+# Everything but the tests marked slow (8-33 s each on 2 cores: server processes, the demo and load test end to end,
+# two-rank training, meta-training on Omniglot).
+test-fast: setup data
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -23,22 +41,32 @@ lint: setup
 protos: setup
 	$(PY) -m server.protogen
 
-demo: setup
-	$(PY) -m server.demo
+demo: setup data
+	$(PY) -m server.demo --out $(RESULTS)/demo $(ARGS)
 
 serve: setup
-	$(PY) -m server --model-dir models/zoo --host 127.0.0.1 --port 50051
+	$(PY) -m server --model-dir models/zoo --host 127.0.0.1 --port 50051 $(ARGS)
 
 loadtest: setup
 	$(PY) -m server.loadtest --out $(RESULTS)/loadtest
 
+# Through Envoy to 1 and 3 replicas sharing a redis-server (installed by .ci/run), beside one replica served directly
+# and the engine in-process: requests/s and p50/p99 (server/loadtest_cluster.py). Extra flags: ARGS="--duration 20".
+.PHONY: loadtest-cluster
+loadtest-cluster: setup
+	$(PY) -m server.loadtest_cluster --out $(RESULTS)/loadtest-cluster $(ARGS)
+
 bench: setup
 	$(PY) -m kernels.bench --out $(RESULTS)/bench
 
-train-omniglot: setup
+# One-image Predict on 1-shot vs 5-shot adaptations: stored support statistics vs the support rows re-forwarded.
+predict-cost: setup
+	$(PY) -m server.predict_cost --out $(RESULTS)/predict-cost
+
+train-omniglot: setup data
 	$(PY) -m trainer omniglot-5w1s
 
-train-omniglot-20w: setup
+train-omniglot-20w: setup data
 	$(PY) -m trainer omniglot-20w1s
 
 # On a GPU box with torch/triton/grpcio already installed: `make gpu-check PY=python3 RESULTS=/some/dir`.

@@ -33,6 +33,8 @@ class MetaModel:
     params: dict[str, torch.Tensor]
     inner_lrs: dict[str, torch.Tensor] | None = None  # Meta-SGD: one learned inner lr per parameter element
     provenance: dict = field(default_factory=dict)
+    # LSLR (MAML++): one learned inner lr per adapted parameter and inner step, {name: tensor [steps]}; None: not used
+    step_lrs: dict[str, torch.Tensor] | None = None
 
     @property
     def name(self) -> str:
@@ -40,13 +42,30 @@ class MetaModel:
 
     def to(self, device) -> MetaModel:
         move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
-        return MetaModel(self.spec, move(self.params), move(self.inner_lrs), self.provenance)
+        return MetaModel(self.spec, move(self.params), move(self.inner_lrs), self.provenance, move(self.step_lrs))
+
+    # Learning-rate resolution, the one place it happens: an override (a client's inner_lr; 0 / None = none) wins,
+    # then the checkpoint's learned rates (Meta-SGD per element, or LSLR per layer and step), then the spec default.
+    @property
+    def has_learned_lr(self) -> bool:
+        return self.inner_lrs is not None or self.step_lrs is not None
 
     def inner_lr(self, override: float | None = None):
-        """The inner learning rate to adapt with: a float override, the learned Meta-SGD rates, or the default."""
+        """The inner learning rate to adapt with: a float override, the learned Meta-SGD rates, or the default
+        (LSLR models: the default for parameters without per-step rates; see `step_rates`)."""
         if override:
             return float(override)
         return self.inner_lrs if self.inner_lrs is not None else self.spec.inner_lr
+
+    def step_rates(self, override: float | None = None) -> dict[str, torch.Tensor] | None:
+        """LSLR's learned per-step rates, unless the client overrides the rate."""
+        return None if override else self.step_lrs
+
+    def reported_lr(self, override: float | None = None) -> float:
+        """The rate a response reports: the override, 0.0 for learned rates, or the default."""
+        if override:
+            return float(override)
+        return 0.0 if self.has_learned_lr else float(self.spec.inner_lr)
 
 
 def save_checkpoint(path: str | os.PathLike, model: MetaModel) -> Path:
@@ -61,6 +80,8 @@ def save_checkpoint(path: str | os.PathLike, model: MetaModel) -> Path:
         "inner_lrs": None if model.inner_lrs is None else {k: v.detach().cpu() for k, v in model.inner_lrs.items()},
         "provenance": model.provenance,
     }
+    if model.step_lrs is not None:  # only written when used, so files without it stay readable by older code
+        payload["step_lrs"] = {k: v.detach().cpu().contiguous() for k, v in model.step_lrs.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -94,6 +115,21 @@ def _check_tensors(path, spec: ModelSpec, tensors, what: str):
             raise CheckpointError(f"{path}: '{what}.{name}' holds NaN or Inf values")
 
 
+def _check_step_lrs(path, spec: ModelSpec, step_lrs):
+    shapes = param_shapes(spec)
+    if not isinstance(step_lrs, dict) or not step_lrs:
+        raise CheckpointError(f"{path}: 'step_lrs' is {type(step_lrs).__name__}, expected a non-empty dict of tensors")
+    for name, t in step_lrs.items():
+        if name not in shapes:
+            raise CheckpointError(f"{path}: 'step_lrs.{name}' names no parameter of {spec.arch}; expected one of "
+                                  f"{list(shapes)}")
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.float32:
+            got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{path}: 'step_lrs.{name}' is {got}, expected a float32 tensor [steps]")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: 'step_lrs.{name}' holds NaN or Inf values")
+
+
 def load_checkpoint(path: str | os.PathLike, *, expect_arch: str | None = None, device="cpu") -> MetaModel:
     """Load and validate a checkpoint; `expect_arch` refuses a file of another architecture."""
     path = Path(path)
@@ -118,5 +154,8 @@ def load_checkpoint(path: str | os.PathLike, *, expect_arch: str | None = None, 
     inner_lrs = payload.get("inner_lrs")
     if inner_lrs is not None:
         _check_tensors(path, spec, inner_lrs, "inner_lrs")
-    model = MetaModel(spec, payload["params"], inner_lrs, payload.get("provenance") or {})
+    step_lrs = payload.get("step_lrs")
+    if step_lrs is not None:
+        _check_step_lrs(path, spec, step_lrs)
+    model = MetaModel(spec, payload["params"], inner_lrs, payload.get("provenance") or {}, step_lrs)
     return model.to(device)

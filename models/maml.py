@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.functional import forward, param_shapes
+from models.functional import HEAD_KEYS, body_features, forward, head_logits, param_shapes, support_stats
 from models.spec import ModelSpec
 
 
@@ -22,6 +22,10 @@ class AdaptResult:
     params: dict[str, torch.Tensor]  # fast weights, task-stacked [T, ...]
     support_loss: torch.Tensor | None = None  # [steps + 1, T]: before each step, and after the last
     support_accuracy: torch.Tensor | None = None  # [steps + 1, T] (classification only)
+    trajectory: list[dict[str, torch.Tensor]] | None = None  # keep_trajectory: the fast weights after each step
+    # The support set's per-layer batch-norm statistics under the adapted weights, {bn{i}.mean, bn{i}.var} [T, C],
+    # when the BN policy normalizes queries with them (models.functional.support_stats; filled by the engine)
+    stats: dict[str, torch.Tensor] | None = None
 
 
 def task_losses(spec: ModelSpec, out: torch.Tensor, y: torch.Tensor, shots: int | None = None) -> torch.Tensor:
@@ -48,6 +52,9 @@ def adapt(
     *,
     second_order: bool = False,
     track: bool = False,
+    adapt_keys: tuple[str, ...] | list[str] | None = None,
+    step_lrs: dict[str, torch.Tensor] | None = None,
+    keep_trajectory: bool = False,
 ) -> AdaptResult:
     """K SGD steps from `params` on each task's support set, all T tasks in one batched call.
 
@@ -58,7 +65,16 @@ def adapt(
     second_order: keep the graph through the inner gradients (MAML); otherwise the inner gradients are constants
       (first-order MAML; and serving, where `params` need not require grad at all).
     track: also return the support loss and accuracy before every step and after the last.
+    adapt_keys: the parameters the inner loop updates (None: all). The others stay at the meta-initialization (broadcast
+      views, still carrying the meta-gradient). Only the head (`models.functional.HEAD_KEYS`): ANIL; the body's
+      features of the support set are then computed once and only the linear head steps.
+    step_lrs: LSLR (MAML++): per-parameter, per-step rates, `{name: tensor [S]}`; step i uses entry min(i, S - 1),
+      so a model trained with S steps can be adapted for more. Parameters it does not name use `lr`.
+    keep_trajectory: also return the fast weights after every step (the multi-step loss needs them).
     """
+    if adapt_keys is not None or step_lrs is not None or keep_trajectory:
+        return _adapt_recipe(spec, params, support_x, support_y, steps, lr, second_order=second_order, track=track,
+                             adapt_keys=adapt_keys, step_lrs=step_lrs, keep_trajectory=keep_trajectory)
     tasks = support_x.shape[0]
     first = next(iter(params))
     needs_meta_grad = params[first].requires_grad
@@ -111,25 +127,117 @@ def adapt(
     return result
 
 
+def _step_rates(keys, lr, step_lrs, step: int) -> list:
+    """The rate of each adapted parameter at inner step `step`: a float, a 0-dim tensor or per-element tensors."""
+    rates = []
+    for k in keys:
+        if step_lrs is not None and k in step_lrs:
+            rates.append(step_lrs[k][min(step, step_lrs[k].shape[0] - 1)])
+        elif isinstance(lr, dict):
+            rates.append(lr[k])
+        else:
+            rates.append(lr)
+    return rates
+
+
+def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order, track, adapt_keys, step_lrs,
+                  keep_trajectory) -> AdaptResult:
+    """adapt() with the recipe options: a subset of adapted parameters (ANIL), per-step rates (LSLR), trajectory."""
+    shapes = param_shapes(spec)
+    keys = list(shapes) if adapt_keys is None else list(adapt_keys)
+    unknown = sorted(set(keys) - set(shapes))
+    if unknown or not keys:
+        raise ValueError(f"adapt_keys {keys!r} for model {spec.name}: expected a non-empty subset of {list(shapes)}")
+    if step_lrs is not None:
+        for k, v in step_lrs.items():
+            if k not in shapes or v.dim() != 1 or v.shape[0] < 1:
+                raise ValueError(f"step_lrs[{k!r}] has shape {list(v.shape)}, expected [steps] for a parameter "
+                                 f"of {spec.name} ({list(shapes)})")
+    tasks = support_x.shape[0]
+    first = next(iter(params))
+    needs_meta_grad = params[first].requires_grad
+    if params[first].dim() == len(shapes[first]):
+        fast = {k: v.unsqueeze(0).expand(tasks, *v.shape) for k, v in params.items()}
+    else:
+        fast = dict(params)
+    if not needs_meta_grad:
+        fast = {k: v.detach().clone().requires_grad_(k in keys) for k, v in fast.items()}
+    shots = max(1, support_x.shape[1] // spec.ways)
+    head_only = set(keys) <= set(HEAD_KEYS)
+    losses, accs, trajectory = [], [], []
+    with torch.enable_grad():
+        # ANIL: the body does not change in the inner loop, so its support features are computed once.
+        feats = body_features(spec, fast, support_x) if head_only else None
+        for step in range(steps):
+            if head_only:
+                out = head_logits(fast, feats)
+            else:
+                out = forward(spec, fast, support_x, double_backward=second_order)
+            per_task = task_losses(spec, out, support_y, shots)
+            if track:
+                losses.append(per_task.detach())
+                if not spec.is_regression:
+                    accs.append(task_accuracy(out.detach(), support_y))
+            grads = torch.autograd.grad(per_task.sum(), [fast[k] for k in keys], create_graph=second_order)
+            rates = _step_rates(keys, lr, step_lrs, step)
+            updated = {k: fast[k] - r * g for k, r, g in zip(keys, rates, grads)}
+            if not needs_meta_grad:
+                updated = {k: v.detach().requires_grad_(True) for k, v in updated.items()}
+            fast = {**fast, **updated}
+            if keep_trajectory:
+                trajectory.append(fast)
+    if not needs_meta_grad:
+        fast = {k: v.detach() for k, v in fast.items()}
+        trajectory = [{k: v.detach() for k, v in t.items()} for t in trajectory]
+    # Parameters that did not adapt (or no step at all) are broadcast views: give every task its own tensor.
+    fast = {k: v if (k in keys and steps) else v.contiguous() for k, v in fast.items()}
+    result = AdaptResult(fast, trajectory=trajectory if keep_trajectory else None)
+    if track:
+        with torch.no_grad():
+            out = head_logits(fast, feats.detach()) if head_only else forward(spec, fast, support_x)
+            losses.append(task_losses(spec, out, support_y, shots))
+            if not spec.is_regression:
+                accs.append(task_accuracy(out, support_y))
+        result.support_loss = torch.stack(losses)
+        result.support_accuracy = torch.stack(accs) if accs else None
+    return result
+
+
 def predict(
     spec: ModelSpec,
     fast: dict[str, torch.Tensor],
     query_x: torch.Tensor,
     support_x: torch.Tensor | None = None,
     bn_policy: str | None = None,
+    *,
+    stats: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Query logits [T, Q, ways] under the model's batch-norm policy (or `bn_policy` to override it).
 
-    `support`: the query rows are forwarded behind the support rows and normalized with the support statistics,
-    so a query's logits do not depend on the other queries. `transductive`: the query batch's own statistics.
+    `support`: queries are normalized with the support set's statistics, so a query's logits do not depend on the
+    other queries: given as `stats` (`adaptation_stats`, computed once at adapt time; serving) or computed here by
+    forwarding the query rows behind `support_x` (training: differentiable through the statistics).
+    `transductive`: the query batch's own statistics.
     """
-    policy = bn_policy or spec.bn_policy
-    if policy == "support" and spec.arch != "mlp-sinusoid":
+    if spec.predict_needs_support_stats(bn_policy):
+        if stats is not None:
+            return forward(spec, fast, query_x, stats=stats)
         if support_x is None:
-            raise ValueError(f"model {spec.name} uses bn_policy 'support': predict needs the support set")
+            raise ValueError(f"model {spec.name} uses bn_policy 'support': predict needs the support statistics "
+                             "(stats) or the support set")
         n = support_x.shape[1]
         return forward(spec, fast, torch.cat([support_x, query_x], dim=1), stat_rows=n)[:, n:]
     return forward(spec, fast, query_x)
 
 
-__all__ = ["AdaptResult", "adapt", "predict", "task_losses", "task_accuracy"]
+def adaptation_stats(spec: ModelSpec, fast: dict[str, torch.Tensor], support_x: torch.Tensor,
+                     bn_policy: str | None = None) -> dict[str, torch.Tensor] | None:
+    """What predict needs besides the fast weights: the support statistics under the adapted weights when the
+    policy normalizes with them (None otherwise). Computed once, without autograd."""
+    if not spec.predict_needs_support_stats(bn_policy):
+        return None
+    with torch.no_grad():
+        return support_stats(spec, fast, support_x)
+
+
+__all__ = ["AdaptResult", "adapt", "adaptation_stats", "predict", "task_losses", "task_accuracy"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from models.functional import BN_EPS, MLP_OMNIGLOT_HIDDEN, MLP_SINUSOID_HIDDEN, param_shapes
+from models.functional import BN_EPS, MLP_OMNIGLOT_HIDDEN, MLP_SINUSOID_HIDDEN, bn_layers, param_shapes
 from models.spec import ModelSpec
 
 OPSET = 17
@@ -128,11 +128,14 @@ def export_onnx(
     support_x: torch.Tensor | None = None,
     bn_policy: str | None = None,
     metadata: dict[str, str] | None = None,
+    stats: dict[str, torch.Tensor] | None = None,
 ) -> onnx.ModelProto:
     """One task's adapted network as an ONNX model.
 
-    params: fast weights without task axis (or with a task axis of 1). support_x: the task's preprocessed support set
-    [N*K, *input_shape], needed for the `support` batch-norm policy. bn_policy overrides spec.bn_policy.
+    params: fast weights without task axis (or with a task axis of 1). For the `support` batch-norm policy either
+    stats (the adaptation's stored statistics {bn{i}.mean, bn{i}.var} [C], as the server keeps them) or support_x
+    (the task's preprocessed support set [N*K, *input_shape], from which they are computed). bn_policy overrides
+    spec.bn_policy.
     metadata: extra metadata_props (e.g. the adaptation id); the model's preprocessing is always written.
     """
     policy = bn_policy or spec.bn_policy
@@ -146,9 +149,11 @@ def export_onnx(
             raise ValueError(f"params[{name!r}] is {got}, expected {list(shape)} for {spec.arch} ({spec.name})")
     params = {k: v.detach().float().cpu() for k, v in params.items()}
 
-    has_bn = spec.arch != "mlp-sinusoid"
-    stats = None
-    if has_bn and policy == "support":
+    has_bn = spec.has_batch_norm
+    if has_bn and policy == "support" and stats is not None:
+        stats = [(stats[f"bn{i}.mean"].detach().float().cpu().reshape(-1),
+                  stats[f"bn{i}.var"].detach().float().cpu().reshape(-1)) for i in bn_layers(spec)]
+    elif has_bn and policy == "support":
         if support_x is None:
             raise ValueError(f"model {spec.name} uses bn_policy 'support': export needs the task's support set")
         if tuple(support_x.shape[1:]) != spec.input_shape or support_x.shape[0] < 1:
@@ -159,6 +164,8 @@ def export_onnx(
         stats = _conv4_support_stats(spec, params, support_x) if spec.arch.startswith("conv4") else _mlp_support_stats(
             params, support_x
         )
+    else:
+        stats = None  # transductive (or no batch norm): the query batch's own statistics
 
     g = _Graph()
     feats = _conv4(g, spec, params, stats) if spec.arch.startswith("conv4") else _mlp(g, spec, params, stats)

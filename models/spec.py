@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 BN_POLICIES = ("transductive", "support")
+ADAPT_PARAMS = ("all", "head", "no-bn")  # the inner loop updates every parameter (MAML), the head (ANIL), all but BN
 ARCHITECTURES = ("conv4-omniglot", "conv4-miniimagenet", "mlp-omniglot", "mlp-sinusoid")
 
 # Inputs each architecture takes per example (C, H, W) or (features,).
@@ -41,12 +42,17 @@ class ModelSpec:
     bn_policy: str = "support"
     input_shape: tuple[int, ...] = field(default=())
     hidden: int = 0  # conv filters / unused for MLPs (0 = architecture default)
+    # Which parameters adapt at adapt time: all (MAML, Meta-SGD), head (ANIL), no-bn (MAML++). Older checkpoints: all.
+    adapt_params: str = "all"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"model spec {self.name!r}: arch {self.arch!r}, expected one of {ARCHITECTURES}")
         if self.bn_policy not in BN_POLICIES:
             raise ValueError(f"model spec {self.name!r}: bn_policy {self.bn_policy!r}, expected one of {BN_POLICIES}")
+        if self.adapt_params not in ADAPT_PARAMS:
+            raise ValueError(f"model spec {self.name!r}: adapt_params {self.adapt_params!r}, expected one of "
+                             f"{ADAPT_PARAMS}")
         if self.ways < 1:
             raise ValueError(f"model spec {self.name!r}: ways={self.ways}, expected >= 1")
         if not self.input_shape:
@@ -58,6 +64,15 @@ class ModelSpec:
     @property
     def is_regression(self) -> bool:
         return self.arch == "mlp-sinusoid"
+
+    @property
+    def has_batch_norm(self) -> bool:
+        return self.arch != "mlp-sinusoid"
+
+    def predict_needs_support_stats(self, policy: str | None = None) -> bool:
+        """Whether predict normalizes with the support set's statistics: the `support` policy (the model's own, or
+        `policy`) on an architecture with batch norm. The one place this question is answered."""
+        return (policy or self.bn_policy) == "support" and self.has_batch_norm
 
     @property
     def preprocessing(self) -> str:

@@ -11,6 +11,9 @@ When to dispatch (only while the worker is idle, so requests that arrive during 
   lone client never waits and N closed-loop clients are dispatched together as soon as all N are back; the oldest
   request never waits longer than `max_wait_s`.
 A cancelled request (client cancel or deadline) leaves its group at once and frees its queue slot.
+Exclusive jobs (`run_exclusive`: model loading, ONNX export) take queue slots like requests, and the worker
+alternates: after an exclusive job, a due batch goes before the next exclusive job, so a stream of exports cannot
+starve the batches (nor batches the exports).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from typing import Any
 from server.status import ResourceExhausted, Unavailable
 
 WAIT_POLICIES = ("adaptive", "fixed")
+LAST_SIZES_KEPT = 4096  # batch keys whose last batch size the adaptive policy remembers (least recent forgotten)
 
 
 @dataclass(eq=False)
@@ -80,7 +84,8 @@ class DynamicBatcher:
         self.worker_ident: int | None = None  # the worker thread's threading.get_ident(), once it started
         self._groups: dict[Hashable, list[_Waiting]] = {}  # insertion order = age order of each group's oldest
         self._exclusive: deque[tuple[Callable, tuple, asyncio.Future]] = deque()
-        self._last_size: dict[Hashable, int] = {}
+        self._last_size: OrderedDict[Hashable, int] = OrderedDict()
+        self._exclusive_last = False  # the previous dispatch was an exclusive job: a due batch goes next
         self._queued = 0
         self._busy = False
         self._closed = False
@@ -100,7 +105,7 @@ class DynamicBatcher:
     def busy(self) -> bool:
         return self._busy
 
-    async def submit(self, key: Hashable, item: Any) -> Batched:
+    def _admit(self) -> None:
         if self._closed:
             raise Unavailable("the server is shutting down and takes no new work; retry on another replica")
         if self._queued >= self.max_queue:
@@ -108,6 +113,9 @@ class DynamicBatcher:
                 f"{self._queued} requests are already queued for the engine, the limit is {self.max_queue} "
                 "(--max-queue); retry later"
             )
+
+    async def submit(self, key: Hashable, item: Any) -> Batched:
+        self._admit()
         self._loop = asyncio.get_running_loop()
         waiting = _Waiting(item, self._loop.create_future(), time.perf_counter())
         self._groups.setdefault(key, []).append(waiting)
@@ -120,12 +128,12 @@ class DynamicBatcher:
             raise
 
     async def run_exclusive(self, fn: Callable, *args) -> Any:
-        """Run fn(*args) on the worker thread (the device owner), between batches."""
-        if self._closed:
-            raise Unavailable("the server is shutting down and takes no new work; retry on another replica")
+        """Run fn(*args) on the worker thread (the device owner), between batches; it takes a queue slot."""
+        self._admit()
         self._loop = asyncio.get_running_loop()
         future = self._loop.create_future()
         self._exclusive.append((fn, args, future))
+        self._queued += 1
         self._schedule()
         return await future
 
@@ -153,27 +161,37 @@ class DynamicBatcher:
             self._timer = None
         if self._busy:
             return
+        now = time.perf_counter()
+        if self._exclusive_last and self._dispatch_due(now):
+            return  # a batch was due while an exclusive job ran: it goes first
+        if self._run_exclusive() or self._dispatch_due(now):
+            return
+        due = [group[0].arrived + self.max_wait_s for group in self._groups.values()]
+        if due:
+            self._timer = self._loop.call_later(max(0.0, min(due) - now), self._schedule)
+
+    def _run_exclusive(self) -> bool:
         while self._exclusive:
             fn, args, future = self._exclusive.popleft()
+            self._queued -= 1
             if future.done():
                 continue
-            self._busy = True
+            self._busy, self._exclusive_last = True, True
             job = self._loop.run_in_executor(self._executor, fn, *args)
             job.add_done_callback(partial(self._exclusive_done, future))
-            return
-        now = time.perf_counter()
-        soonest = None
+            return True
+        return False
+
+    def _dispatch_due(self, now: float) -> bool:
+        """Dispatch the oldest group that is due (full for its target size, waited max_wait_s, or closing: flush)."""
         for key, group in self._groups.items():
             target = self.max_batch
             if self.wait_policy == "adaptive":
                 target = min(self.max_batch, self._last_size.get(key, 1))
-            due = group[0].arrived + self.max_wait_s
-            if len(group) >= target or now >= due or self._closed:  # closing: flush without waiting
+            if len(group) >= target or now >= group[0].arrived + self.max_wait_s or self._closed:
                 self._dispatch(key)
-                return
-            soonest = due if soonest is None else min(soonest, due)
-        if soonest is not None:
-            self._timer = self._loop.call_later(max(0.0, soonest - now), self._schedule)
+                return True
+        return False
 
     def _dispatch(self, key: Hashable) -> None:
         group = self._groups.pop(key)
@@ -185,8 +203,11 @@ class DynamicBatcher:
         if not live:
             self._schedule()
             return
-        self._busy = True
+        self._busy, self._exclusive_last = True, False
         self._last_size[key] = len(live)
+        self._last_size.move_to_end(key)
+        while len(self._last_size) > LAST_SIZES_KEPT:
+            self._last_size.popitem(last=False)
         self.batches_run += 1
         self._on_batch(key, len(live))
         job = self._loop.run_in_executor(self._executor, self._run_batch, key, [w.item for w in live])

@@ -6,7 +6,12 @@ ${FASTADAPT_OMNIGLOT:-../shared/data/omniglot}/images_evaluation.zip, decodes ea
 LANCZOS and sends it as uint8 (the server applies the model's preprocessing). Runs seeded tasks of 5-way 1-shot
 (omniglot-5w1s) and 20-way 1-shot (omniglot-20w1s), each with a fixed number of query images per class, through
 AdaptAndPredict from one client, then prints accuracy with a 95% confidence interval and the round-trip latency
-percentiles per model, and stops the server with SIGTERM.
+percentiles per model, and stops the server with SIGTERM. `--out DIR` writes DIR/demo.json and DIR/demo.md: the
+results with the command, the hardware, the device and the backend (`make demo` writes results/demo/).
+
+Against a TLS + token server: --tls-cert/--tls-key [--tls-client-ca] and --auth-tokens go to the server it starts,
+--token (or $FASTADAPT_TOKEN), --ca, --client-cert/--client-key to its client; --ca defaults to --tls-cert (right for
+a self-signed certificate).
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from server.client import FastAdaptClient, load_image
+from kernels.engine import BACKENDS
+from server.client import FastAdaptClient, add_connection_args, connection_kwargs, load_image
 from server.launch import REPO_ROOT, ServerProcess, prepare_model_dir
 
 DEMO_MODELS = (("omniglot-5w1s", 5, 1), ("omniglot-20w1s", 20, 1))  # (model, ways, shots)
@@ -120,19 +129,88 @@ def format_table(rows: list[dict], fresh: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str | None:
+    """The checkout's commit, '+dirty' when it has uncommitted changes; None outside a git checkout."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain", "-uno") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hardware(device: str) -> dict:
+    """What the numbers were measured on: the host's CPU, and the GPU when the server ran on one."""
+    from kernels.bench.flops import cpu_name
+
+    info = {"host": platform.node(), "cpu": cpu_name(), "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()], "gpu": None}
+    if device.startswith("cuda"):
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def format_markdown(record: dict) -> str:
+    hw, s = record["hardware"], record["settings"]
+    where = f"GPU {hw['gpu']}" if hw["gpu"] else f"CPU {hw['cpu']} ({hw['cpus']} cores)"
+    fresh = record["fresh_init"]
+    lines = [
+        "# `make demo`: the bundled Omniglot models through gRPC",
+        "",
+        f"- Command: `{record['command']}` (commit {record['commit'] or 'unknown'}, {record['finished']})",
+        f"- Hardware: {where}, host {hw['host']}, load average at the end {hw['load_average']}; torch "
+        f"{record['torch']}",
+        f"- Server: device {record['device']}, backend {record['backend']}"
+        + (f", precision {record['precision']}" if record.get("precision") else "")
+        + f"; stopped with SIGTERM, exit code {record['server_exit_code']}",
+        f"- {s['tasks']} seeded tasks per model (seed {s['seed']}, after {s['warmup_tasks']} untimed ones) on the "
+        f"held-out images_evaluation characters, {s['queries_per_class']} query images per class, real PNGs sent as "
+        "uint8, one client, AdaptAndPredict round trips over loopback gRPC; accuracy: mean over tasks with its 95% "
+        "confidence interval (1.96 standard errors)",
+    ]
+    if fresh:
+        lines.append(f"- FRESH, UNTRAINED initializations served for {', '.join(fresh)}: their accuracy says nothing "
+                     "about MAML")
+    return "\n".join([*lines, "", format_table(record["results"], fresh)]) + "\n"
+
+
+def write_results(out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "demo.md").write_text(format_markdown(record))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m server.demo", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "zoo")
     p.add_argument("--omniglot", type=Path, default=None, help="folder of images_evaluation.zip ($FASTADAPT_OMNIGLOT)")
     p.add_argument("--tasks", type=int, default=200, help="tasks per model")
     p.add_argument("--queries-per-class", type=int, default=15, help="query images per class in every task")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=3, help="untimed tasks per model before measuring")
+    p.add_argument("--warmup-tasks", type=int, default=3, help="untimed tasks per model before measuring")
+    p.add_argument("--warmup", help=argparse.SUPPRESS)  # renamed: `python -m server --warmup` means task counts
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--out", type=Path, default=None, help="also write DIR/demo.json and DIR/demo.md")
     p.add_argument("--no-progress", action="store_true")
+    served = p.add_argument_group("security of the server the demo starts (see python -m server --help)")
+    for flag in ("--tls-cert", "--tls-key", "--tls-client-ca", "--auth-tokens"):
+        served.add_argument(flag, type=Path, metavar="FILE")
+    add_connection_args(p)
     args = p.parse_args(argv)
+    if args.warmup is not None:
+        p.error("--warmup is now --warmup-tasks (untimed tasks per model); `python -m server --warmup` takes the "
+                "server's warm-up task counts")
+    if args.auth_tokens and not args.token:
+        p.error("--auth-tokens needs --token (or $FASTADAPT_TOKEN) for the demo's client")
+    if args.tls_cert and not (args.ca or args.tls):
+        args.ca = args.tls_cert
+    security_args = [a for flag in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens") if getattr(args, flag)
+                     for a in (f"--{flag.replace('_', '-')}", str(getattr(args, flag)))]
+    client_kwargs = connection_kwargs(args)
     progress = not args.no_progress
 
     characters = load_evaluation_characters(args.omniglot or omniglot_root(), progress)
@@ -143,18 +221,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in fresh:
             print(f"NOTICE: {args.model_dir} has no checkpoint for {name}: serving a FRESH, UNTRAINED initialization "
                   f"instead. Its accuracy says nothing about MAML; train one with `{TRAIN_COMMANDS[name]}`.")
-        server_args = ["--device", args.device, "--backend", args.backend, "--log-level", "warning"]
-        with ServerProcess(model_dir, *server_args, log_path=Path(scratch) / "server.log") as server:
+        server_args = ["--device", args.device, "--backend", args.backend, "--log-level", "warning", *security_args]
+        with ServerProcess(model_dir, *server_args, log_path=Path(scratch) / "server.log",
+                           client_kwargs=client_kwargs) as server:
             print(f"server up at {server.address}: device {server.info['device']}, backend {server.info['backend']}")
             rows = []
-            with FastAdaptClient(server.address, timeout=120) as client:
+            with FastAdaptClient(server.address, timeout=120, **client_kwargs) as client:
                 served = {m["name"]: m for m in client.list_models()}
                 for model, ways, shots in DEMO_MODELS:
                     info = served[model]
                     print(f"{model}: {info['arch']}, {info['ways']}-way, {info['default_steps']} steps at lr "
                           f"{info['default_inner_lr']:g}, batch norm '{info['bn_policy']}'")
                     rows.append(run_model(client, characters, model, ways, shots, args.queries_per_class,
-                                          args.tasks, args.seed, args.warmup, progress))
+                                          args.tasks, args.seed, args.warmup_tasks, progress))
             code = server.stop()
     print()
     print(f"{args.tasks} seeded tasks per model (seed {args.seed}), {args.queries_per_class} query images per class, "
@@ -162,8 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, fresh))
     print(f"server stopped with SIGTERM, exit code {code}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"results": rows, "fresh_init": fresh, "server_exit_code": code}, indent=2))
+        import torch
+
+        record = {
+            "command": shlex.join(["python", "-m", "server.demo", *argv]), "commit": _commit(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hardware": hardware(server.info["device"]),
+            "device": server.info["device"], "backend": server.info["backend"],
+            "precision": server.info.get("precision"), "torch": torch.__version__,
+            "settings": {"tasks": args.tasks, "queries_per_class": args.queries_per_class, "seed": args.seed,
+                         "warmup_tasks": args.warmup_tasks},
+            "results": rows, "fresh_init": fresh, "server_exit_code": code,
+        }
+        write_results(args.out, record)
+        print(f"wrote {args.out / 'demo.json'} and {args.out / 'demo.md'}")
     return 0 if code == 0 else 1
 
 

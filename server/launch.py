@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CheckpointError, MetaModel, load_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError, MetaModel, save_checkpoint
 from models.functional import init_params
+from models.kinds import load_model
 from models.spec import ModelSpec
 from server.client import FastAdaptClient
 
@@ -35,7 +36,7 @@ def zoo_names(model_dir: Path) -> dict[str, Path]:
     names = {}
     for path in sorted(Path(model_dir).glob("*.pt")) if Path(model_dir).is_dir() else []:
         try:
-            names[load_checkpoint(path).spec.name] = path
+            names[load_model(path).spec.name] = path
         except CheckpointError as exc:
             print(f"warning: skipping {path}: {exc}", file=sys.stderr)
     return names
@@ -66,7 +67,11 @@ def prepare_model_dir(model_dir: Path, required: list[str], scratch: Path, seed:
 class ServerProcess:
     """`python -m server ...` as a subprocess on 127.0.0.1:<free port>; a context manager that SIGTERMs it."""
 
-    def __init__(self, model_dir: Path, *extra: str, log_path: Path | None = None, startup_s: float = 120.0):
+    def __init__(self, model_dir: Path, *extra: str, log_path: Path | None = None, startup_s: float = 120.0,
+                 client_kwargs: dict | None = None, env: dict | None = None):
+        """`client_kwargs`: FastAdaptClient keywords (token, ca, ...) to reach a TLS / token server with; `env`:
+        variables set for the server on top of this process's environment."""
+        self.client_kwargs = dict(client_kwargs or {})
         self._tmp = tempfile.TemporaryDirectory(prefix="fastadapt-server-")
         port_file = Path(self._tmp.name) / "port"
         self.log_path = log_path or Path(self._tmp.name) / "server.log"
@@ -75,7 +80,8 @@ class ServerProcess:
             sys.executable, "-m", "server", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
             "--port-file", str(port_file), *extra,
         ]
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env} if env else None)
         deadline = time.monotonic() + startup_s
         while not port_file.exists():
             if self.proc.poll() is not None:
@@ -87,7 +93,7 @@ class ServerProcess:
         self.info = json.loads(port_file.read_text())  # {port, device, backend, models}
         self.port = int(self.info["port"])
         self.address = f"127.0.0.1:{self.port}"
-        with FastAdaptClient(self.address) as client:
+        with FastAdaptClient(self.address, **self.client_kwargs) as client:
             client.wait_ready(timeout=30)
 
     def log_tail(self, lines: int = 30) -> str:

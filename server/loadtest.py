@@ -2,7 +2,7 @@
 
 Starts `python -m server` on models/zoo (a fresh initialization stands in for a missing omniglot-5w1s, with a
 notice; or targets --address), then for each concurrency level runs closed-loop clients (each with its own channel,
-on one asyncio loop) for at least --duration seconds and --min-requests completions after --warmup seconds, each
+on one asyncio loop) for at least --duration seconds and --min-requests completions after --warmup-s seconds, each
 sending 5-way 1-shot tasks with 15 queries per class (synthetic uint8 pixels: the work does not depend on them) at
 --steps inner steps. Writes loadtest.md (a table) and loadtest.json to --out.
 On a GPU box: `python3 -m server.loadtest --out DIR`.
@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import torch
 
+from kernels.engine import BACKENDS
 from models.runtime import allocator_state, tune_cpu_allocator
 from server.client import FastAdaptClient, adapt_and_predict_request
 from server.launch import REPO_ROOT, ServerProcess, prepare_model_dir
@@ -95,7 +96,10 @@ async def run_level(address: str, requests: list, clients: int, warmup_s: float,
         "error_codes": sorted(set(level.errors)),
         "window_s": window,
         "requests_per_s": len(lat) / window,
-        "latency_ms": {k: float(np.percentile(lat, q)) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))},
+        # mean and max beside the percentiles: a stall in the top 1% (a capture, a GC pause) hides from p99 of a few
+        # hundred samples, but not from requests x mean against the window
+        "latency_ms": {**{k: float(np.percentile(lat, q)) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))},
+                       "mean": float(lat.mean()), "max": float(lat.max())},
         "mean_batch_tasks": float(np.mean(level.batches)),
     }
 
@@ -141,9 +145,9 @@ def format_markdown(meta: dict, levels: list[dict]) -> str:
         + (f" Allocator: {meta['allocator']}." if meta.get("allocator") else "")
         + (" Weights: FRESH INIT (untrained; the work is the same)." if meta["fresh_init"] else ""),
         "",
-        "| clients | requests | errors | requests/s | p50 ms | p90 ms | p99 ms | mean tasks per engine call | "
-        "in-process tasks/s at that batch | served / in-process |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| clients | requests | errors | requests/s | p50 ms | p90 ms | p99 ms | mean ms | max ms | window s | "
+        "mean tasks per engine call | in-process tasks/s at that batch | served / in-process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in levels:
         lat = r["latency_ms"]
@@ -151,7 +155,8 @@ def format_markdown(meta: dict, levels: list[dict]) -> str:
         own = f"{ip['tasks_per_s']:.1f} | {100 * ip['served_fraction']:.0f}%" if ip else "- | -"
         lines.append(
             f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.1f} | {lat['p50']:.1f} | "
-            f"{lat['p90']:.1f} | {lat['p99']:.1f} | {r['mean_batch_tasks']:.1f} | {own} |"
+            f"{lat['p90']:.1f} | {lat['p99']:.1f} | {lat['mean']:.1f} | {lat['max']:.1f} | {r['window_s']:.2f} | "
+            f"{r['mean_batch_tasks']:.1f} | {own} |"
         )
     if any("in_process" in r for r in levels):
         lines += ["", "In-process: the same batches through the server's BatchRunner in the load-test process after "
@@ -168,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="omniglot-5w1s")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
-    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
+    p.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds of load before each level")
+    p.add_argument("--warmup", help=argparse.SUPPRESS)  # renamed: `python -m server --warmup` means task counts
     p.add_argument("--min-requests", type=int, default=200,
                    help="extend a level's window until this many requests (at least one per client) completed")
     p.add_argument("--steps", type=int, default=10, help="inner steps (0 = model default)")
@@ -177,11 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup-s", type=float, default=300.0,
                    help="how long the server may take to load and warm up (GPU: compile + capture every bucket)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--server-arg", action="append", default=[], help="extra `python -m server` argument (repeat)")
     p.add_argument("--in-process-s", type=float, default=3.0,
                    help="seconds per level to time the same batches in-process, without gRPC (0: skip)")
     args = p.parse_args(argv)
+    if args.warmup is not None:
+        p.error("--warmup is now --warmup-s (unmeasured seconds before each level); `python -m server --warmup` "
+                "takes the server's warm-up task counts (pass it with --server-arg)")
     tune_cpu_allocator()  # the in-process comparison runs here: the same allocator as the server it is compared with
 
     with tempfile.TemporaryDirectory(prefix="fastadapt-loadtest-") as scratch:
@@ -207,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             levels = []
             for clients in args.concurrency:
                 result = asyncio.run(
-                    run_level(address, requests, clients, args.warmup, args.duration, args.timeout, args.min_requests)
+                    run_level(address, requests, clients, args.warmup_s, args.duration, args.timeout,
+                              args.min_requests)
                 )
                 levels.append(result)
                 print(f"{clients:3d} clients: {result['requests_per_s']:8.1f} req/s, p50 "
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "model": args.model, "ways": model["ways"], "queries": model["ways"] * args.queries_per_class,
         "steps": args.steps or model["default_steps"], "device": info["device"], "backend": info["backend"],
-        "duration_s": args.duration, "min_requests": args.min_requests, "warmup_s": args.warmup,
+        "duration_s": args.duration, "min_requests": args.min_requests, "warmup_s": args.warmup_s,
         "host": platform.node(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "fresh_init": bool(fresh), "server_exit_code": code,
         "allocator": allocator_state(),  # the server applies the same tuning at its start

@@ -2,12 +2,20 @@
 
 All model math is the Engine's (kernels.engine); this module only converts wire arrays into task-stacked tensors
 on the engine's device (uint8 goes over as uint8 and is preprocessed there with models.preprocess) and back.
-When the Engine offers a fused `adapt_predict` (adapt + predict in one call) and every task in an AdaptAndPredict
-batch has the same number of queries, that one call is used; its time is then all reported as adapt time.
+When every task in an AdaptAndPredict batch has the same number of queries, the Engine's fused `adapt_predict` (one
+call; one graph replay on a GPU backend) is used; its time is then all reported as adapt time.
+
+Failure isolation: each task's result is its own. A batch whose engine call raises is cut in halves until the
+failing task is alone (out of memory: RESOURCE_EXHAUSTED; anything else: INTERNAL naming the task), so its
+batch-mates get their results. A task whose support loss, weights or logits are not finite is refused with
+INVALID_ARGUMENT naming inner_lr (or the input) and the step where it diverged; nothing non-finite is returned
+or kept. A sticky device error (an illegal address, a device-side assert: the CUDA context is lost) fails the
+whole batch and calls `on_fatal`, so the server turns NOT_SERVING and exits for its orchestrator to restart it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Hashable
@@ -20,12 +28,21 @@ from kernels.engine import Engine
 from models.checkpoint import MetaModel
 from models.onnx_export import export_onnx
 from models.preprocess import preprocess_uint8
-from server.status import ResourceExhausted
+from server.status import Internal, InvalidArgument, ResourceExhausted, Unavailable
+
+# Messages of CUDA errors after which the context is unusable: every later call fails too (retrying is pointless).
+STICKY_DEVICE_ERRORS = ("illegal memory access", "illegal address", "device-side assert",
+                        "unspecified launch failure", "misaligned address", "an illegal instruction",
+                        "uncorrectable ECC", "CUDA error: unknown error")
 
 
-def needs_support_stats(model: MetaModel) -> bool:
-    """Whether predict needs the support set: the 'support' BN policy on an architecture with batch norm."""
-    return model.spec.bn_policy == "support" and model.spec.arch != "mlp-sinusoid"
+def is_sticky_device_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in STICKY_DEVICE_ERRORS)
+
+
+class DeviceLost(Unavailable):
+    """The device is in an unrecoverable state; this replica stops serving (retry on another)."""
 
 
 def first_failure(outcomes: list) -> BaseException | None:
@@ -34,6 +51,8 @@ def first_failure(outcomes: list) -> BaseException | None:
 
 
 def _task_shape(job) -> str:
+    if hasattr(job, "describe"):  # policy jobs (server.policy)
+        return job.describe()
     if isinstance(job, AdaptJob):
         queries = 0 if job.query_x is None else job.query_x.shape[0]
         return f"{job.support_x.shape[0]} support images, {queries} queries, {job.steps} steps"
@@ -44,21 +63,26 @@ def _task_shape(job) -> str:
 class AdaptJob:
     model: MetaModel
     support_x: np.ndarray  # [N*K, *input_shape], uint8 / float16 / float32, validated
-    support_y: np.ndarray  # [N*K] int64 in [0, ways)
+    support_y: np.ndarray  # [N*K] int64 in [0, ways); a regressor: float32 targets [N*K, out_dim]
     steps: int
     lr: float | None  # None: the model's default (or learned) rate
     query_x: np.ndarray | None = None  # [Q, *input_shape] for AdaptAndPredict
-    keep: bool = True  # return this task's weights (and support set) for the cache
+    keep: bool = True  # return this task's weights (and support statistics) for the cache
+    # from_adaptation_id: the weights to start from instead of the meta-initialization (no task axis, on the device),
+    # that adaptation's id (tasks of one batch share their start) and the steps it had taken
+    start: dict[str, torch.Tensor] | None = None
+    start_id: str = ""
+    prior_steps: int = 0
 
     @property
     def key(self) -> Hashable:
-        return ("adapt", self.model.name, self.support_x.shape[0], self.steps, self.lr)
+        return ("adapt", self.model.name, self.support_x.shape[0], self.steps, self.lr, self.start_id)
 
 
 @dataclass
 class AdaptOutcome:
     params: dict[str, torch.Tensor] | None  # this task's fast weights, no task axis (when keep)
-    support_x: torch.Tensor | None  # preprocessed support set (when keep and the BN policy needs it)
+    stats: dict[str, torch.Tensor] | None  # its support statistics [C] per BN layer (when keep and the policy needs)
     support_loss: np.ndarray  # [steps + 1]
     support_accuracy: np.ndarray  # [steps + 1]
     logits: np.ndarray | None  # [Q, ways] when the job had queries
@@ -70,13 +94,12 @@ class AdaptOutcome:
 class PredictJob:
     model: MetaModel
     params: dict[str, torch.Tensor]  # one task's fast weights, no task axis, on the engine's device
-    support_x: torch.Tensor | None
+    stats: dict[str, torch.Tensor] | None  # its support statistics (the `support` BN policy), or None
     query_x: np.ndarray  # [Q, *input_shape]
 
     @property
     def key(self) -> Hashable:
-        n = 0 if self.support_x is None else self.support_x.shape[0]
-        return ("predict", self.model.name, n, self.query_x.shape[0])
+        return ("predict", self.model.name, self.query_x.shape[0])
 
 
 @dataclass
@@ -85,36 +108,98 @@ class PredictOutcome:
     predict_s: float
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _finite_per_task(tensors) -> torch.Tensor:
+    """[T] bool: every element of task t of every tensor [T, ...] is finite."""
+    flags = [torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1) for t in tensors if t is not None]
+    return torch.stack(flags).all(dim=0)
+
+
+def _select(tensors: dict | None, index: torch.Tensor) -> dict | None:
+    return None if tensors is None else {k: v.index_select(0, index) for k, v in tensors.items()}
+
+
+def divergence(job: AdaptJob, losses: np.ndarray, weights_finite: bool) -> InvalidArgument | None:
+    """The refusal for a task whose adaptation left the finite numbers (None when it did not)."""
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size == 0 and weights_finite:
+        return None
+    lr = "the model's default inner_lr" if job.lr is None else f"inner_lr = {job.lr:g}"
+    if bad.size and bad[0] == 0:
+        return InvalidArgument(
+            f"support_x gives a non-finite support loss ({losses[0]}) before the first step of model "
+            f"{job.model.name!r}: expected inputs in the model's preprocessed range ({job.model.spec.preprocessing})")
+    where = f"the support loss is {losses[bad[0]]} after step {bad[0]}" if bad.size else \
+        f"the weights are not finite after step {job.steps}"
+    return InvalidArgument(
+        f"the adaptation diverged with {lr}: {where} of {job.steps}; expected a smaller inner_lr (or inputs in the "
+        f"model's preprocessed range); nothing was kept")
+
+
+def non_finite_logits(model: MetaModel, field: str = "query_x") -> InvalidArgument:
+    return InvalidArgument(f"{field} gives non-finite logits under model {model.name!r}: expected inputs in the "
+                           f"model's preprocessed range ({model.spec.preprocessing})")
+
+
 class BatchRunner:
     """`runner(key, jobs) -> outcomes`: the batcher's run_batch, executed on the engine's worker thread."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, on_fatal=None):
         self.engine = engine
         self.device = engine.device
+        self.lost: DeviceLost | None = None  # set once a sticky device error was seen: every later call fails fast
+        self.on_fatal = on_fatal or (lambda exc: None)  # called (on the worker thread) with that error
+        self._max_rows: dict[str, int | None] = {}
 
     def __call__(self, key: Hashable, jobs: list) -> list:
         """One outcome per job, in order; an outcome may be an exception, which only that job's caller sees."""
-        if key[0] not in ("adapt", "predict"):
-            raise ValueError(f"batch key {key!r} has an unknown kind, expected 'adapt' or 'predict'")
-        detail = None
+        from server import policy  # here, not at the top: server.policy builds on this module
+
+        if key[0] not in ("adapt", "predict", *policy.OPS):
+            raise ValueError(f"batch key {key!r} has an unknown kind, expected 'adapt', 'predict' or one of "
+                             f"{policy.OPS}")
+        if self.lost is not None:
+            return [self.lost] * len(jobs)
+        oom, failure = False, None
         try:
+            if key[0] in policy.OPS:
+                return policy.run_batch(self.device, key, jobs)
             return self.adapt(jobs) if key[0] == "adapt" else self.predict(jobs)
         except torch.OutOfMemoryError as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            oom, failure = True, _first_line(exc)
+        except Exception as exc:  # noqa: BLE001  one task's failure must stay its own: isolate it below
+            if is_sticky_device_error(exc):
+                self.lost = DeviceLost(f"the {self.device.type} device failed and this replica stops serving "
+                                       f"({_first_line(exc)}); retry on another replica")
+                self.on_fatal(exc)
+                return [self.lost] * len(jobs)
+            failure = f"{type(exc).__name__}: {_first_line(exc)}"
         # Out of the except block first: its traceback holds the failed attempt's device tensors, which must be
-        # freed before a retry. A batch the device cannot hold is cut in halves (each task's result is independent
-        # of its batch-mates); one task that does not fit gets RESOURCE_EXHAUSTED as its own outcome, so its
-        # batch-mates still get theirs.
-        if self.device.type == "cuda":
+        # freed before a retry. The batch is cut in halves (each task's result is independent of its batch-mates)
+        # until the task that fails is alone; it gets its error as its own outcome, its batch-mates their results.
+        if self.device.type == "cuda" and oom:
             torch.cuda.empty_cache()
         if len(jobs) > 1:
             half = len(jobs) // 2
             return self(key, jobs[:half]) + self(key, jobs[half:])
         job = jobs[0]
-        return [ResourceExhausted(
-            f"the {self.device.type} device ran out of memory for one task of model {job.model.name!r} "
-            f"({_task_shape(job)}): {detail}; expected a smaller task (fewer support or query images)"
-        )]
+        if oom:
+            return [ResourceExhausted(
+                f"the {self.device.type} device ran out of memory for one task of model {job.model.name!r} "
+                f"({_task_shape(job)}): {failure}; expected a smaller task (fewer support or query images)"
+            )]
+        return [Internal(f"the engine failed on this task of model {job.model.name!r} ({_task_shape(job)}): "
+                         f"{failure}")]
+
+    def max_rows(self, model: MetaModel) -> int | None:
+        """Rows per task the engine's kernels take for this model (None: no limit); computed once per model."""
+        if model.name not in self._max_rows:
+            self._max_rows[model.name] = self.engine.max_rows(model.spec)
+        return self._max_rows[model.name]
 
     def to_model_input(self, model: MetaModel, arrays: list[np.ndarray]) -> torch.Tensor:
         """Validated wire arrays (same shape) -> float32 [T, n, *input_shape] on the device, preprocessed."""
@@ -126,90 +211,101 @@ class BatchRunner:
     def _preprocess(model: MetaModel, x: torch.Tensor) -> torch.Tensor:
         return preprocess_uint8(model.spec, x) if x.dtype == torch.uint8 else x.float()
 
-    def adapt(self, jobs: list[AdaptJob]) -> list[AdaptOutcome]:
+    def adapt(self, jobs: list[AdaptJob]) -> list:
         """Adapt every job's task in one engine call; predict the queries of the jobs that have them."""
         model, first = jobs[0].model, jobs[0]
+        if first.start is not None:  # from_adaptation_id: the batch's tasks share their start (the batch key says so)
+            model = dataclasses.replace(model, params=first.start)
         support_x = self.to_model_input(model, [j.support_x for j in jobs])
         support_y = torch.from_numpy(np.stack([j.support_y for j in jobs])).to(self.device)
         query_counts = {None if j.query_x is None else j.query_x.shape[0] for j in jobs}
-        fused = getattr(self.engine, "adapt_predict", None)
         logits: dict[int, np.ndarray] = {}
         predict_s: dict[int, float] = {}
 
         start = time.perf_counter()
-        if fused is not None and len(query_counts) == 1 and None not in query_counts:
+        if len(query_counts) == 1 and None not in query_counts:
             # Every task has Q queries: one fused engine call (one graph replay on a GPU backend).
             query_x = self.to_model_input(model, [j.query_x for j in jobs])
-            result, out = fused(model, support_x, support_y, query_x, steps=first.steps, lr=first.lr, track=True)
+            result, out = self.engine.adapt_predict(model, support_x, support_y, query_x, steps=first.steps,
+                                                    lr=first.lr, track=True)
+            logits_ok = _finite_per_task([out]).cpu().numpy()
             out = out.float().cpu().numpy()
             logits = {i: out[i] for i in range(len(jobs))}
         else:
             result = self.engine.adapt(model, support_x, support_y, steps=first.steps, lr=first.lr, track=True)
+            logits_ok = None
         losses = result.support_loss.float().cpu().numpy()  # [steps + 1, T]; waits for the device
         accs = result.support_accuracy
-        accs = np.zeros_like(losses) if accs is None else accs.float().cpu().numpy()
+        accs = np.zeros((0, losses.shape[1]), np.float32) if accs is None else accs.float().cpu().numpy()
+        stats = result.stats
+        weights_ok = _finite_per_task([*result.params.values(), *(stats or {}).values()]).cpu().numpy()
         adapt_s = time.perf_counter() - start
+        refused = {i: divergence(job, losses[:, i], bool(weights_ok[i])) for i, job in enumerate(jobs)}
+        refused = {i: why for i, why in refused.items() if why is not None}
         # Copy what the cache keeps before anything else runs: a graph-captured backend may reuse its output buffers.
-        use_support = needs_support_stats(model)
-        kept: list[tuple[dict | None, torch.Tensor | None]] = []
+        kept: list[tuple[dict | None, dict | None]] = []
         for i, job in enumerate(jobs):
-            if not job.keep:
+            if not job.keep or i in refused:
                 kept.append((None, None))
                 continue
             params = {k: v[i].detach().clone() for k, v in result.params.items()}
-            kept.append((params, support_x[i].clone() if use_support else None))
+            kept.append((params, None if stats is None else {k: v[i].detach().clone() for k, v in stats.items()}))
 
         if not logits:
-            self._predict_after_adapt(model, jobs, result.params, support_x if use_support else None, logits,
-                                      predict_s)
-        return [
-            AdaptOutcome(
-                params=kept[i][0],
-                support_x=kept[i][1],
-                support_loss=losses[:, i].copy(),
-                support_accuracy=accs[:, i].copy(),
-                logits=logits.get(i),
-                adapt_s=adapt_s,
-                predict_s=predict_s.get(i, 0.0),
-            )
-            for i in range(len(jobs))
-        ]
+            logits_ok = self._predict_after_adapt(model, jobs, result.params, stats, logits, predict_s)
+        outcomes = []
+        for i in range(len(jobs)):
+            if i in refused:
+                outcomes.append(refused[i])
+            elif logits_ok is not None and i in logits and not logits_ok[i]:
+                outcomes.append(non_finite_logits(model))
+            else:
+                outcomes.append(AdaptOutcome(
+                    params=kept[i][0], stats=kept[i][1], support_loss=losses[:, i].copy(),
+                    support_accuracy=accs[:, i].copy(), logits=logits.get(i), adapt_s=adapt_s,
+                    predict_s=predict_s.get(i, 0.0)))
+        return outcomes
 
-    def _predict_after_adapt(self, model, jobs, fast_all, support_all, logits: dict, predict_s: dict) -> None:
-        """Predict the jobs with queries, one engine call per query count Q."""
+    def _predict_after_adapt(self, model, jobs, fast_all, stats_all, logits: dict, predict_s: dict) -> np.ndarray:
+        """Predict the jobs with queries, one engine call per query count Q; returns [T] bool: logits finite."""
+        finite = np.ones(len(jobs), dtype=bool)
         by_queries = defaultdict(list)
         for i, job in enumerate(jobs):
             if job.query_x is not None:
                 by_queries[job.query_x.shape[0]].append(i)
-        groups = []  # (rows, fast weights, support set) per Q; subsets are copied before any predict runs
+        groups = []  # (rows, fast weights, statistics) per Q; subsets are copied before any predict runs
         for rows in by_queries.values():
             if len(rows) == len(jobs):
-                groups.append((rows, fast_all, support_all))
+                groups.append((rows, fast_all, stats_all))
             else:
                 index = torch.tensor(rows, device=self.device)
-                fast = {k: v.index_select(0, index) for k, v in fast_all.items()}
-                groups.append((rows, fast, None if support_all is None else support_all.index_select(0, index)))
-        for rows, fast, support in groups:
+                groups.append((rows, _select(fast_all, index), _select(stats_all, index)))
+        for rows, fast, stats in groups:
             query_x = self.to_model_input(model, [jobs[i].query_x for i in rows])
             start = time.perf_counter()
-            out = self.engine.predict(model, fast, query_x, support).float().cpu().numpy()
+            out = self.engine.predict(model, fast, query_x, stats)
+            ok = _finite_per_task([out]).cpu().numpy()
+            out = out.float().cpu().numpy()
             seconds = time.perf_counter() - start
             for j, i in enumerate(rows):
-                logits[i], predict_s[i] = out[j], seconds
+                logits[i], predict_s[i], finite[i] = out[j], seconds, ok[j]
+        return finite
 
-    def predict(self, jobs: list[PredictJob]) -> list[PredictOutcome]:
+    def predict(self, jobs: list[PredictJob]) -> list:
         model = jobs[0].model
         fast = {k: torch.stack([j.params[k] for j in jobs]) for k in jobs[0].params}
-        support = None
-        if jobs[0].support_x is not None:
-            support = torch.stack([j.support_x for j in jobs])
+        stats = None
+        if jobs[0].stats is not None:
+            stats = {k: torch.stack([j.stats[k] for j in jobs]) for k in jobs[0].stats}
         query_x = self.to_model_input(model, [j.query_x for j in jobs])
         start = time.perf_counter()
-        out = self.engine.predict(model, fast, query_x, support).float().cpu().numpy()
+        out = self.engine.predict(model, fast, query_x, stats)
+        ok = _finite_per_task([out]).cpu().numpy()
+        out = out.float().cpu().numpy()
         seconds = time.perf_counter() - start
-        return [PredictOutcome(out[i], seconds) for i in range(len(jobs))]
+        return [PredictOutcome(out[i], seconds) if ok[i] else non_finite_logits(model) for i in range(len(jobs))]
 
-    def export(self, model: MetaModel, params, support_x, metadata: dict[str, str]) -> bytes:
+    def export(self, model: MetaModel, params, stats, metadata: dict[str, str]) -> bytes:
         """One adaptation as a serialized ONNX model (runs on the worker thread: it reads device tensors)."""
-        proto = export_onnx(model.spec, params, support_x=support_x, metadata=metadata)
+        proto = export_onnx(model.spec, params, stats=stats, metadata=metadata)
         return proto.SerializeToString()

@@ -4,6 +4,10 @@ The service raises RequestError subclasses, each carrying its status code and a 
 value and what was expected, so a client can act on it. The interceptor answers them with that code; a malformed
 tensor is INVALID_ARGUMENT; anything else is INTERNAL (logged with its traceback). A cancelled call (client cancel
 or deadline) is recorded as CANCELLED / DEADLINE_EXCEEDED and its cancellation propagates.
+
+Every status message and access-log line stays short whatever the client sent: strings from the client are echoed
+through `clip` (a short prefix), and a message is cut to MAX_DETAILS_BYTES. The interceptor also admits each RPC
+(server.admission) before the service sees it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,24 @@ import grpc
 
 from server.telemetry import ServerMetrics, get_logger
 from server.wire import SERVICE_NAME, TensorFormatError
+
+MAX_DETAILS_BYTES = 1000  # a status message (and its log line's `details`) is at most this long
+ECHO_CHARS = 64  # how much of a client's string an error message repeats
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """repr() of a client's string, cut to a short prefix that says how long the whole was."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def bounded(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    return data[: limit - 30].decode("utf-8", "ignore") + f" ... [{len(data)} bytes, cut]"
 
 
 class RequestError(Exception):
@@ -43,14 +65,21 @@ class Unavailable(RequestError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Internal(RequestError):
+    """A failure inside the server that is this one request's own (its batch-mates were served)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 _PREFIX = f"/{SERVICE_NAME}/"
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every unary FastAdapt method; health and reflection pass through untouched."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, admission=None):
         self._metrics = metrics
+        self._admission = admission
         self._log = get_logger()
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -65,7 +94,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code, details = grpc.StatusCode.OK, ""
             try:
-                return await inner(request, context)
+                if self._admission is None:
+                    return await inner(request, context)
+                with self._admission.admit(rpc, request.ByteSize()):
+                    return await inner(request, context)
             except RequestError as exc:
                 code, details = exc.code, exc.message
             except TensorFormatError as exc:
@@ -82,6 +114,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 code, details = grpc.StatusCode.INTERNAL, f"internal error in {rpc}: {type(exc).__name__}: {exc}"
                 self._log.exception("internal error", extra={"rpc": rpc})
             finally:
+                details = bounded(details)
                 seconds = time.perf_counter() - start
                 self._metrics.observe_rpc(rpc, code.name, seconds)
                 fields = {"rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3), "peer": context.peer()}

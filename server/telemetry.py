@@ -2,8 +2,9 @@
 
 Metrics live on their own registry per server instance (so several servers can share a process) and are exposed over
 HTTP by `ServerMetrics.start_http(port)` (--metrics-port; 0 = off): requests by RPC and status code, latency
-histograms, batch sizes, queue depth, cache entries / bytes / evictions and adaptation throughput. Logs are one JSON
-object per line on stderr, with the event's fields at the top level.
+histograms, batch sizes, queue depth, cache entries / bytes / evictions, adaptation throughput and the shared
+adaptation store's hits / misses / errors and latency. Logs are one JSON object per line on stderr, with the event's
+fields at the top level.
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ class ServerMetrics:
         self.steps_per_second = Gauge(
             "fastadapt_adaptation_steps_per_second", "Task-steps per second of the last adapt batch", registry=r
         )
+        # The shared adaptation store (server/store.py, --adaptation-store redis://...).
+        self.store_ops = Counter(
+            "fastadapt_store_operations", "Adaptation store calls by op (get / touch / put / release / fate / ping; "
+            "near: near-cache lookups) and result (hit / miss / ok / error)", ["op", "result"], registry=r,
+        )
+        self.store_latency = Histogram(
+            "fastadapt_store_latency_seconds", "Adaptation store call latency, by op", ["op"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.store_up = Gauge("fastadapt_store_up", "1 while the shared adaptation store answers (0: unreachable, "
+                              "or --adaptation-store memory)", registry=r)
         self._http = None
 
     def observe_rpc(self, rpc: str, code: str, seconds: float) -> None:

@@ -15,6 +15,8 @@ from models.checkpoint import MetaModel
 from server.status import InvalidArgument
 from server.wire import MAX_REQUEST_BYTES, TensorFormatError, decode
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -22,6 +24,14 @@ class Limits:
     max_support: int = 1000  # N*K rows
     max_queries: int = 1000  # Q rows
     max_request_bytes: int = MAX_REQUEST_BYTES
+    # The cost cap: support rows x inner steps of one request (each step forwards and backwards every support row).
+    # 20-way 5-shot at 100 steps is 10,000; the default leaves 2.5x that.
+    max_support_steps: int = 25_000
+
+    def __post_init__(self):
+        for name in ("max_steps", "max_support", "max_queries", "max_request_bytes", "max_support_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
 
 
 def check_request_size(request, rpc: str, limits: Limits) -> None:
@@ -52,6 +62,7 @@ def images(message, field: str, path: str, model: MetaModel, rows: str, max_rows
     n = array.shape[0]
     if not 1 <= n <= max_rows:
         raise InvalidArgument(f"{path} has {n} rows ({rows}), expected 1 to {max_rows} for model {model.name}")
+
     if array.dtype.kind == "f":
         finite = np.isfinite(array)
         if not finite.all():
@@ -89,13 +100,29 @@ def support_set(request, path: str, model: MetaModel, limits: Limits) -> tuple[n
     return x, y
 
 
-def steps(request, path: str, model: MetaModel, limits: Limits) -> int:
+def kernel_rows(model: MetaModel, max_rows: int | None, **rows: int) -> None:
+    """The engine's kernels take at most `max_rows` rows per task in one call (the CUDA grid limit; None: no
+    limit): refuse a request over it here, naming the fields, instead of failing inside the engine."""
+    total = sum(rows.values())
+    if max_rows is not None and total > max_rows:
+        fields = " + ".join(f"{name} ({n} rows)" for name, n in rows.items())
+        raise InvalidArgument(f"{fields} = {total} rows per task, more than the {max_rows} the engine's kernels take "
+                              f"for model {model.name} on this device (CUDA grid limit); expected fewer rows")
+
+
+def steps(request, path: str, model: MetaModel, limits: Limits, support_rows: int = 1) -> int:
     value = request.steps
     if not 0 <= value <= limits.max_steps:
         raise InvalidArgument(
             f"{path}steps = {value}, expected 0 (the model's default, {model.spec.steps}) to {limits.max_steps}"
         )
-    return value or model.spec.steps
+    value = value or model.spec.steps
+    if support_rows * value > limits.max_support_steps:
+        raise InvalidArgument(
+            f"{path}steps = {value} on {support_rows} support rows costs {support_rows * value} row-steps, expected at "
+            f"most {limits.max_support_steps} (--max-support-steps): fewer steps or a smaller support set"
+        )
+    return value
 
 
 def inner_lr(request, path: str, model: MetaModel) -> float | None:
@@ -103,10 +130,11 @@ def inner_lr(request, path: str, model: MetaModel) -> float | None:
     value = request.inner_lr
     if value == 0:
         return None
-    if not math.isfinite(value) or value < 0:
-        default = "its learned Meta-SGD rates" if model.inner_lrs is not None else f"{model.spec.inner_lr:g}"
+    if not math.isfinite(value) or value < 0 or value > FLOAT32_MAX:
+        default = "its learned rates" if model.has_learned_lr else f"{model.spec.inner_lr:g}"
         raise InvalidArgument(
-            f"{path}inner_lr = {value}, expected a positive finite number (or 0 for the model's default, {default})"
+            f"{path}inner_lr = {value}, expected a positive finite float32 (at most {FLOAT32_MAX:.4g}; or 0 for the "
+            f"model's default, {default})"
         )
     return float(value)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.kinds import model_kind
 from server.batcher import DynamicBatcher
 from server.registry import ModelRegistry
 from server.runner import AdaptJob, BatchRunner, first_failure
@@ -122,6 +123,8 @@ async def warm_up(plan: WarmupPlan, registry: ModelRegistry, runner: BatchRunner
         for name in plan.models or registry.names():
             model = registry.get(name)
             report[name] = {}
+            if model_kind(model) != "classifier":
+                continue  # regressors and policies run the torch reference path: nothing to compile or capture
             for tasks in plan.tasks:
                 start = time.perf_counter()
                 jobs = warm_jobs(model, tasks, plan)

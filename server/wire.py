@@ -44,6 +44,9 @@ TRANSPORT_LIMIT_BYTES = 64 * MIB
 assert SIZING_TASK_BYTES + MIB < MAX_REQUEST_BYTES < TRANSPORT_LIMIT_BYTES
 
 
+MAX_RANK = 8  # dimensions a wire Tensor may have (images are 4-D); numpy refuses more than 64
+
+
 def channel_options(limit: int = TRANSPORT_LIMIT_BYTES) -> list[tuple[str, int]]:
     """gRPC options with explicit message-size limits, for both the server and the client channel."""
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
@@ -68,8 +71,10 @@ def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
     if tensor.dtype not in NUMPY_DTYPES:
         name = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
         raise TensorFormatError(f"{field}.dtype is {name}, expected UINT8, FLOAT16 or FLOAT32")
+    if not 1 <= len(tensor.shape) <= MAX_RANK:
+        raise TensorFormatError(f"{field}.shape has {len(tensor.shape)} dimensions, expected 1 to {MAX_RANK}")
     shape = [int(d) for d in tensor.shape]
-    if not shape or any(d < 0 for d in shape):
+    if any(d < 0 for d in shape):
         raise TensorFormatError(f"{field}.shape is {shape}, expected non-negative dimensions (e.g. [N, C, H, W])")
     dtype = NUMPY_DTYPES[tensor.dtype]
     expected = math.prod(shape) * dtype.itemsize

@@ -8,11 +8,18 @@ import sys
 from pathlib import Path
 
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.functional import adapted_keys
 from models.runtime import tune_cpu_allocator
 from trainer.config import config_from_args
 from trainer.evaluate import evaluate, results_markdown
 from trainer.plots import plot_steps, plot_training
+from trainer.rl.config import RL_CONFIGS
 from trainer.train import Trainer
+
+
+def adapt_keys_of(model) -> tuple[str, ...] | None:
+    """The parameters a checkpoint's recipe adapts (None: all of them, the MAML default)."""
+    return None if model.spec.adapt_params == "all" else adapted_keys(model.spec, model.spec.adapt_params)
 
 
 def final_evaluation(trainer: Trainer) -> dict:
@@ -21,7 +28,7 @@ def final_evaluation(trainer: Trainer) -> dict:
     path = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
     model = load_checkpoint(path, device=trainer.device)
     result = evaluate(model.spec, model.params, trainer.samplers["test"](), cfg.eval_tasks, cfg.eval_steps,
-                      model.inner_lr(), cfg.eval_chunk)
+                      model.inner_lr(), cfg.eval_chunk, adapt_keys=adapt_keys_of(model), step_lrs=model.step_lrs)
     result.update({"checkpoint": path.name, "iterations": model.provenance.get("iterations"),
                    "train_seconds": model.provenance.get("train_seconds"), "device": model.provenance.get("device"),
                    "split": cfg.split, "report_step": cfg.test_steps})
@@ -37,6 +44,11 @@ def final_evaluation(trainer: Trainer) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in RL_CONFIGS:  # MAML-RL (policies): its own config, loop and results
+        from trainer.rl.main import main as rl_main
+
+        return rl_main(argv)
     cfg, args = config_from_args(argv)
     tune_cpu_allocator()  # CPU training allocates the same activation sizes every iteration
     trainer = Trainer(cfg, resume=args.resume).train()

@@ -41,6 +41,7 @@ class TrainConfig:
     eval_tasks: int = 600
     eval_chunk: int = 100  # tasks adapted at once during evaluation
     checkpoint_every: int = 2000
+    checkpoint_seconds: float = 0.0  # also save the training state this often (wall seconds); 0 = by iterations only
     log_every: int = 100
     out_dir: str = ""  # default runs/<name>
     data_root: str = ""  # default: $FASTADAPT_OMNIGLOT or ../shared/data/omniglot
@@ -48,11 +49,31 @@ class TrainConfig:
     max_seconds: float = 0.0  # stop (checkpointed, evaluated) after this many seconds of this invocation; 0 = none
     final_eval: bool = True
     progress: bool = True
+    # ---- recipes (see RECIPES; every default keeps plain MAML / FOMAML / Meta-SGD exactly as before) ----
+    recipe: str = "maml"  # the preset the switches below came from (provenance): maml | anil | maml++ | ...
+    adapt_params: str = "all"  # inner loop updates: all | head (ANIL) | no-bn (MAML++: BN gamma/beta outer-loop only)
+    lslr: bool = False  # MAML++ LSLR: a learned inner lr per adapted parameter tensor and inner step
+    msl_epochs: int = 0  # MAML++ multi-step loss with annealed per-step weights for this many epochs; 0 = off
+    epoch_iterations: int = 500  # MAML++'s epoch (total_iter_per_epoch): the unit of the MSL anneal
+    cosine_lr: bool = False  # MAML++: meta lr cosine-annealed from meta_lr to min_meta_lr over `iterations`
+    min_meta_lr: float = 1e-5
+    first_order_iterations: int = 0  # MAML++ derivative-order annealing: first order before this iteration
+    init_from: str = ""  # start from this checkpoint's parameters instead of a fresh initialization (provenance)
     extra: dict = field(default_factory=dict)
 
     @property
     def second_order(self) -> bool:
         return self.algorithm in ("maml", "metasgd")
+
+    @property
+    def uses_recipe(self) -> bool:
+        """Any switch beyond plain MAML / FOMAML / Meta-SGD (those keep their original code path bit for bit)."""
+        return (self.adapt_params != "all" or self.lslr or self.msl_epochs > 0 or self.cosine_lr
+                or self.first_order_iterations > 0)
+
+    def second_order_at(self, iteration: int) -> bool:
+        """Derivative-order annealing: first order before `first_order_iterations`, the algorithm's order after."""
+        return self.second_order and iteration >= self.first_order_iterations
 
     def run_dir(self) -> str:
         return self.out_dir or f"runs/{self.name}"
@@ -83,6 +104,37 @@ CONFIGS: dict[str, TrainConfig] = {
 }
 
 
+# Recipes: presets of the switches above, applied before any `--key value` override.
+# - anil: Raghu, Raghu, Bengio & Vinyals 2020, "Rapid learning or feature reuse?": only the head adapts in the inner
+#   loop (same steps / inner lr / meta-batch as MAML; second order through the head's steps).
+# - maml++: Antoniou, Edwards & Storkey 2019, "How to train your MAML", settings as in the authors' repository
+#   AntreasAntoniou/HowToTrainYourMAMLPytorch, experiment_config/omniglot_maml++_20_way_1_shot_5_*.json and
+#   few_shot_learning_system.py: LSLR initialised at the inner lr (init_inner_loop_learning_rate 0.1), multi-step loss
+#   for multi_step_loss_num_epochs=20 epochs of total_iter_per_epoch=500 iterations, Adam lr 1e-3 cosine-annealed to
+#   min_learning_rate 1e-5 over total_epochs=250 (125,000 iterations), batch-norm gamma/beta not adapted in the inner
+#   loop (enable_inner_loop_optimizable_bn_params false), meta-batch 16, 5 steps. Derivative-order annealing: the paper
+#   uses first order for the first 50 epochs (25,000 iterations); its 20-way config sets
+#   first_order_to_second_order_epoch=-1 (second order throughout). Deviations here: the inner loss is our sum/K
+#   (= N x mean CE, as cbfinn/maml and our inner lr), the cosine is per iteration rather than per epoch, and per-step
+#   batch-norm weights / running statistics are not implemented.
+RECIPES: dict[str, dict] = {
+    "maml": {},
+    "anil": {"adapt_params": "head"},
+    "maml++": {"adapt_params": "no-bn", "lslr": True, "msl_epochs": 20, "epoch_iterations": 500, "cosine_lr": True,
+               "min_meta_lr": 1e-5, "first_order_iterations": 25_000},
+    # ablation arms (A/B): one MAML++ ingredient at a time on top of MAML
+    "maml+lslr": {"lslr": True},
+    "maml+msl": {"msl_epochs": 20, "epoch_iterations": 500},
+    "maml+fo-warmup": {"first_order_iterations": 25_000},
+}
+
+
+def apply_recipe(cfg: TrainConfig, name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise ValueError(f"recipe {name!r}, expected one of {sorted(RECIPES)}")
+    return dataclasses.replace(cfg, recipe=name, **RECIPES[name])
+
+
 def _parse_value(raw: str, current):
     if isinstance(current, bool):
         if raw.lower() in ("1", "true", "yes", "on"):
@@ -97,15 +149,37 @@ def _parse_value(raw: str, current):
     return raw
 
 
+def config_keys_help() -> str:
+    """The --key value overrides, one per TrainConfig field with its default: generated, so it lists every field."""
+    lines = ["config keys (--key value, or --key-with-dashes value) with TrainConfig's defaults;",
+             "each named config overrides some of them (trainer/config.py):"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"  --{f.name} {f.type} (default {default!r})")
+    if RECIPES:
+        lines.append(f"recipes (--recipe NAME, applied before the other keys): {', '.join(sorted(RECIPES))}")
+    return "\n".join(lines)
+
+
 def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     """`CONFIG [--resume] [--key value ...]`: a named config with any field overridden."""
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="Meta-train a fastadapt model.")
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Meta-train a fastadapt model.",
+                                     epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", choices=sorted(CONFIGS), help="named configuration")
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last state")
     parser.add_argument("--zoo", default="", help="also write the best checkpoint to this file (e.g. models/zoo/x.pt)")
     args, rest = parser.parse_known_args(argv)
     cfg = dataclasses.replace(CONFIGS[args.config])
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if "--recipe" in rest:  # the preset first, so every other override wins over it
+        at = rest.index("--recipe")
+        raw = rest[at + 1] if at + 1 < len(rest) else ""
+        try:
+            cfg = apply_recipe(cfg, raw)
+        except ValueError as exc:
+            parser.error(f"--recipe: {exc}")
     i = 0
     while i < len(rest):
         key = rest[i]
@@ -121,4 +195,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argpar
         i += 2
     if cfg.algorithm not in ("maml", "fomaml", "metasgd"):
         parser.error(f"--algorithm {cfg.algorithm!r}, expected maml, fomaml or metasgd")
+    if cfg.adapt_params not in ("all", "head", "no-bn"):
+        parser.error(f"--adapt_params {cfg.adapt_params!r}, expected all, head or no-bn")
+    if cfg.algorithm == "metasgd" and cfg.uses_recipe:
+        parser.error("--algorithm metasgd learns its own per-element rates; combine recipes with maml or fomaml")
     return cfg, args

@@ -24,10 +24,12 @@ def _query_metric(spec: ModelSpec, logits, query_y):
 
 
 def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk: int = 100,
-             policies=POLICIES) -> dict:
+             policies=POLICIES, adapt_keys=None, step_lrs=None) -> dict:
     """Per-step query accuracy (%) or MSE: {policy: {'mean': [...], 'ci95': [...]}, 'tasks': n, 'metric': ...}.
 
     params: the meta-initialization (no task axis); lr: float or Meta-SGD per-element rates.
+    adapt_keys / step_lrs: the recipe's adapted parameters (ANIL: the head) and LSLR per-step rates, as
+    models.maml.adapt takes them; step s uses rate s (the last learned one beyond the trained step count).
     The sampler must be seeded for evaluation so every model sees the same tasks.
     """
     if spec.is_regression:
@@ -36,6 +38,9 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
     params = {k: v.detach() for k, v in params.items()}
     if isinstance(lr, dict):
         lr = {k: v.detach() for k, v in lr.items()}
+    if step_lrs is not None:
+        step_lrs = {k: v.detach() for k, v in step_lrs.items()}
+    recipe = adapt_keys is not None or step_lrs is not None
     done = 0
     while done < tasks:
         n = min(chunk, tasks - done)
@@ -46,8 +51,13 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
                 for p in policies:
                     out = predict(spec, fast, b.query_x, b.support_x, bn_policy=p)
                     per_task[p][s].append(_query_metric(spec, out, b.query_y).cpu())
-            if s < steps:
+            if s < steps and not recipe:
                 fast = adapt(spec, fast, b.support_x, b.support_y, 1, lr).params
+            elif s < steps:
+                rates = None if step_lrs is None else {k: v[min(s, v.shape[0] - 1)].reshape(1)
+                                                       for k, v in step_lrs.items()}
+                fast = adapt(spec, fast, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
+                             step_lrs=rates).params
         done += n
     result = {"tasks": tasks, "metric": "mse" if spec.is_regression else "accuracy_percent"}
     for p in policies:

@@ -8,10 +8,12 @@ static input buffers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
-from models.functional import init_params
+from models.functional import adapted_keys, init_params
 from models.maml import adapt, predict, task_accuracy, task_losses
 from models.spec import ModelSpec
 from trainer.config import TrainConfig
@@ -24,15 +26,27 @@ class MetaLearner:
         self.inner_lrs = None
         if cfg.algorithm == "metasgd":
             self.inner_lrs = {k: torch.full_like(v, cfg.inner_lr).requires_grad_(True) for k, v in self.params.items()}
+        self.adapt_keys = adapted_keys(spec, cfg.adapt_params) if cfg.adapt_params != "all" else None
+        self.step_lrs = None
+        if cfg.lslr:  # MAML++ LSLR: one rate per adapted parameter tensor and inner step, initialised at inner_lr
+            keys = self.adapt_keys or tuple(self.params)
+            self.step_lrs = {k: torch.full((cfg.inner_steps,), cfg.inner_lr, device=device).requires_grad_(True)
+                             for k in keys}
         leaves = list(self.params.values()) + (list(self.inner_lrs.values()) if self.inner_lrs else [])
+        leaves += list(self.step_lrs.values()) if self.step_lrs else []
         capturable = device.type == "cuda" and cfg.cuda_graph
         self.optimizer = torch.optim.Adam(leaves, lr=cfg.meta_lr, capturable=capturable)
         self._graph = None
         self._static = None
 
     # ---- the math of one meta-iteration ----
-    def meta_loss(self, support_x, support_y, query_x, query_y):
-        """Mean query loss over the tasks after the inner loop, and the mean query accuracy (a 0-dim tensor)."""
+    def meta_loss(self, support_x, support_y, query_x, query_y, iteration: int | None = None):
+        """Mean query loss over the tasks after the inner loop, and the mean query accuracy (a 0-dim tensor).
+
+        iteration: the 0-based meta-iteration, for the recipes' schedules (multi-step loss weights, derivative order).
+        """
+        if self.cfg.uses_recipe:
+            return self._recipe_meta_loss(support_x, support_y, query_x, query_y, iteration or 0)
         lr = self.inner_lrs if self.inner_lrs is not None else self.cfg.inner_lr
         fast = adapt(self.spec, self.params, support_x, support_y, self.cfg.inner_steps, lr,
                      second_order=self.cfg.second_order).params
@@ -47,8 +61,34 @@ class MetaLearner:
             acc = task_accuracy(out.detach(), query_y).mean()
         return losses.mean(), acc
 
-    def _backward_and_update(self, batch, world: int):
-        loss, acc = self.meta_loss(*batch)
+    def _query_loss(self, fast, support_x, query_x, query_y):
+        out = predict(self.spec, fast, query_x, support_x, bn_policy=self.cfg.bn_policy)
+        if self.spec.is_regression:
+            return task_losses(self.spec, out, query_y).mean(), torch.zeros((), device=out.device)
+        loss = torch.nn.functional.cross_entropy(out.reshape(-1, self.spec.ways), query_y.reshape(-1))
+        return loss, task_accuracy(out.detach(), query_y).mean()
+
+    def _recipe_meta_loss(self, support_x, support_y, query_x, query_y, iteration: int):
+        cfg = self.cfg
+        weights = msl_weights(cfg.inner_steps, iteration // cfg.epoch_iterations, cfg.msl_epochs)
+        lr = self.inner_lrs if self.inner_lrs is not None else cfg.inner_lr
+        res = adapt(self.spec, self.params, support_x, support_y, cfg.inner_steps, lr,
+                    second_order=cfg.second_order_at(iteration), adapt_keys=self.adapt_keys, step_lrs=self.step_lrs,
+                    keep_trajectory=weights is not None)
+        if weights is None:
+            return self._query_loss(res.params, support_x, query_x, query_y)
+        # Multi-step loss: the query loss after every inner step, weighted (MAML++); accuracy after the last step.
+        total = 0.0
+        for w, fast in zip(weights, res.trajectory):
+            loss, acc = self._query_loss(fast, support_x, query_x, query_y)
+            total = total + w * loss
+        return total, acc
+
+    def _backward_and_update(self, batch, world: int, iteration: int | None = None):
+        if self.cfg.cosine_lr and iteration is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = cosine_lr(self.cfg.meta_lr, self.cfg.min_meta_lr, iteration, self.cfg.iterations)
+        loss, acc = self.meta_loss(*batch, iteration=iteration) if self.cfg.uses_recipe else self.meta_loss(*batch)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
@@ -66,11 +106,14 @@ class MetaLearner:
         self.optimizer.step()
         return loss.detach(), acc
 
-    def step(self, batch, world: int = 1):
-        """One meta-update on batch = (support_x, support_y, query_x, query_y); returns (loss, accuracy) tensors."""
-        use_graph = self.device.type == "cuda" and self.cfg.cuda_graph and world == 1
+    def step(self, batch, world: int = 1, iteration: int | None = None):
+        """One meta-update on batch = (support_x, support_y, query_x, query_y); returns (loss, accuracy) tensors.
+
+        iteration: the 0-based meta-iteration (the recipes' schedules; a recipe run is never graph-captured, since
+        its loss weights, derivative order and meta lr change with the iteration)."""
+        use_graph = self.device.type == "cuda" and self.cfg.cuda_graph and world == 1 and not self.cfg.uses_recipe
         if not use_graph:
-            return self._backward_and_update(batch, world)
+            return self._backward_and_update(batch, world, iteration)
         if self._graph is None:
             try:
                 self._capture(batch)
@@ -103,6 +146,7 @@ class MetaLearner:
             "params": {k: v.detach().cpu() for k, v in self.params.items()},
             "inner_lrs": None if self.inner_lrs is None else {k: v.detach().cpu() for k, v in self.inner_lrs.items()},
             "optimizer": self.optimizer.state_dict(),
+            **({"step_lrs": {k: v.detach().cpu() for k, v in self.step_lrs.items()}} if self.step_lrs else {}),
         }
 
     def load_state_dict(self, state: dict):
@@ -112,5 +156,34 @@ class MetaLearner:
             if self.inner_lrs is not None:
                 for k, v in state["inner_lrs"].items():
                     self.inner_lrs[k].copy_(v)
+            if self.step_lrs is not None:
+                if "step_lrs" not in state:
+                    raise ValueError(f"the training state has no LSLR rates, expected {sorted(self.step_lrs)} "
+                                     "(was it saved by a run without --lslr?)")
+                for k, v in state["step_lrs"].items():
+                    self.step_lrs[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self._graph = None  # Adam's state tensors were replaced: capture again
+
+
+def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float] | None:
+    """MAML++ multi-step loss: per-step query-loss weights at `epoch`, or None once the anneal is over (then only the
+    last step's loss counts, as plain MAML).
+
+    As get_per_step_loss_importance_vector in AntreasAntoniou/HowToTrainYourMAMLPytorch: all weights start at 1/S;
+    each non-final weight decays by 1/(S * msl_epochs) per epoch down to 0.03/S, the final one grows by (S - 1) times
+    that, up to 1 - (S - 1) * 0.03/S. The weights always sum to 1.
+    """
+    if msl_epochs <= 0 or epoch >= msl_epochs:
+        return None
+    decay = 1.0 / steps / msl_epochs
+    floor = 0.03 / steps
+    weights = [max(1.0 / steps - epoch * decay, floor) for _ in range(steps - 1)]
+    weights.append(min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
+    return weights
+
+
+def cosine_lr(start: float, end: float, iteration: int, iterations: int) -> float:
+    """The meta lr at `iteration`: cosine from `start` (iteration 0) to `end` (iteration `iterations`)."""
+    frac = min(max(iteration / max(iterations, 1), 0.0), 1.0)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * frac))

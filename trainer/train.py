@@ -38,7 +38,7 @@ def pick_device(name: str) -> torch.device:
 
 def model_spec(cfg: TrainConfig) -> ModelSpec:
     return ModelSpec(name=cfg.name, arch=cfg.arch, ways=cfg.ways, inner_lr=cfg.inner_lr, steps=cfg.test_steps,
-                     bn_policy=cfg.serve_bn_policy, hidden=cfg.hidden)
+                     bn_policy=cfg.serve_bn_policy, hidden=cfg.hidden, adapt_params=cfg.adapt_params)
 
 
 def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
@@ -114,17 +114,38 @@ class Trainer:
         self.spec = model_spec(cfg)
         self.samplers, self.split_info = build_samplers(cfg, self.device)
         self.learner = MetaLearner(cfg, self.spec, self.device, torch.Generator().manual_seed(cfg.seed))
+        self.init_info = None
+        if cfg.init_from and not resume:
+            self._init_from(cfg.init_from)
         self.iteration = 0
         self.best_val = -float("inf")
         self.train_seconds = 0.0
         if resume:
             self._load_state()
 
+    def _init_from(self, path: str):
+        """Start from another checkpoint's meta-initialization (same architecture and ways), e.g. a MAML body for
+        ANIL; Adam starts fresh. Its file name and provenance summary go into this run's provenance."""
+        from models.checkpoint import load_checkpoint
+
+        source = load_checkpoint(path, expect_arch=self.spec.arch)
+        if source.spec.ways != self.spec.ways or source.spec.hidden != self.spec.hidden:
+            raise ValueError(f"--init_from {path}: {source.spec.ways} ways / {source.spec.hidden} filters, expected "
+                             f"{self.spec.ways} / {self.spec.hidden} for {self.cfg.name}")
+        with torch.no_grad():
+            for k, v in source.params.items():
+                self.learner.params[k].copy_(v)
+        prov = source.provenance
+        self.init_info = {"path": str(path), "name": source.spec.name, "commit": prov.get("commit"),
+                          "iterations": prov.get("iterations"), "algorithm": prov.get("config", {}).get("algorithm"),
+                          "recipe": prov.get("config", {}).get("recipe", "maml"), "device": prov.get("device")}
+
     # ---- state ----
     def _state(self) -> dict:
         return {"iteration": self.iteration, "best_val": self.best_val, "train_seconds": self.train_seconds,
                 "config": dataclasses.asdict(self.cfg), "learner": self.learner.state_dict(),
-                "sampler": self.samplers["train"].state_dict()}
+                "sampler": self.samplers["train"].state_dict(),
+                **({"init_from": self.init_info} if self.init_info else {})}
 
     def _save_state(self):
         if self.rank:
@@ -141,6 +162,7 @@ class Trainer:
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.iteration, self.best_val = state["iteration"], state["best_val"]
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.init_info = state.get("init_from")
         self.learner.load_state_dict(state["learner"])
         self.samplers["train"].load_state_dict(state["sampler"])
         if getattr(self.samplers["train"], "resumed_across_devices", False) and self.rank == 0:
@@ -149,16 +171,17 @@ class Trainer:
                   file=sys.stderr)
 
     def meta_model(self, provenance: dict | None = None) -> MetaModel:
-        lrs = self.learner.inner_lrs
+        lrs, step_lrs = self.learner.inner_lrs, self.learner.step_lrs
         return MetaModel(self.spec, {k: v.detach().cpu() for k, v in self.learner.params.items()},
                          None if lrs is None else {k: v.detach().cpu() for k, v in lrs.items()},
-                         provenance or {})
+                         provenance or {},
+                         None if step_lrs is None else {k: v.detach().cpu() for k, v in step_lrs.items()})
 
     def provenance(self, **extra) -> dict:
         return {"config": dataclasses.asdict(self.cfg), "commit": git_commit(), "split": self.split_info,
                 "iterations": self.iteration, "train_seconds": round(self.train_seconds, 1),
                 "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                **extra}
+                **({"init_from": self.init_info} if self.init_info else {}), **extra}
 
     # ---- loop ----
     def _log(self, record: dict):
@@ -174,7 +197,8 @@ class Trainer:
             return float("nan")
         lr = self.learner.inner_lrs if self.learner.inner_lrs is not None else self.cfg.inner_lr
         res = evaluate(self.spec, self.learner.params, make(), self.cfg.val_tasks, self.cfg.test_steps, lr,
-                       self.cfg.eval_chunk, policies=(self.cfg.bn_policy,))
+                       self.cfg.eval_chunk, policies=(self.cfg.bn_policy,), adapt_keys=self.learner.adapt_keys,
+                       step_lrs=self.learner.step_lrs)
         key = self.cfg.bn_policy if not self.spec.is_regression else "transductive"
         value = res[key]["mean"][-1]
         return -value if self.spec.is_regression else value
@@ -187,13 +211,13 @@ class Trainer:
                    desc=cfg.name, unit="it", dynamic_ncols=True)
         loss_sum = acc_sum = None
         window = 0
-        t0 = session_start = time.perf_counter()
+        t0 = session_start = last_save = time.perf_counter()
         while self.iteration < cfg.iterations:
             b = self.samplers["train"].sample(cfg.meta_batch)
             batch = (b.support_x, b.support_y, b.query_x, b.query_y)
             if self.world > 1:
                 batch = rank_slice(batch, self.rank, self.world)
-            loss, acc = self.learner.step(batch, self.world)
+            loss, acc = self.learner.step(batch, self.world, self.iteration)
             loss_sum = loss.clone() if loss_sum is None else loss_sum + loss
             acc_sum = acc.clone() if acc_sum is None else acc_sum + acc
             window += 1
@@ -220,8 +244,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_acc']:.1f}",
                                 val=f"{record.get('val', float('nan')):.2f}")
                 self._log(record)
-            if self.iteration % cfg.checkpoint_every == 0 or last:
+            due = cfg.checkpoint_seconds > 0 and time.perf_counter() - last_save > cfg.checkpoint_seconds
+            if self.iteration % cfg.checkpoint_every == 0 or last or due:
                 self._save_state()
+                last_save = time.perf_counter()
             if last:
                 break
         bar.close()

@@ -24,7 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from kernels.bench.configs import CONFIGS, make_case, make_model
 from kernels.bench.methods import backend_logits
-from kernels.engine import Engine
+from kernels.engine import BACKENDS, Engine
+from kernels.engine.precision import PRECISIONS
 
 
 def _sync(device: torch.device) -> None:
@@ -83,15 +84,15 @@ def profile_rows(backend, case, calls: int) -> tuple[list[dict], float, str]:
 
 def eager_twin(backend):
     """The same backend without CUDA graphs (so the profiler sees each kernel), or the backend itself."""
-    if getattr(backend, "use_graphs", False):  # triton
+    if backend.graph_capacity() is None:  # captures nothing
+        return backend
+    if backend.name == "triton":
         from kernels.engine.fused import TritonBackend
 
         return TritonBackend(backend.device, precision=backend.precision, use_graphs=False)
-    if getattr(backend, "capture", False):  # graph
-        from kernels.engine.graph import GraphBackend
+    from kernels.engine.graph import GraphBackend
 
-        return GraphBackend(backend.device, capture=False, budget_bytes=backend.budget_bytes)
-    return backend
+    return GraphBackend(backend.device, capture=False, budget_bytes=backend.budget_bytes)
 
 
 def run(config: str, task_counts: list[int], backend: str, device: str, calls: int, precision: str | None,
@@ -109,7 +110,7 @@ def run(config: str, task_counts: list[int], backend: str, device: str, calls: i
     cfg = CONFIGS[config]
     model = make_model(cfg, engine.device)
     out = {"config": config, "describe": cfg.describe(), "backend": engine.backend_name,
-           "precision": getattr(served, "precision", None), "device": str(engine.device),
+           "precision": served.precision, "device": str(engine.device),
            "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "CPU",
            "torch": torch.__version__, "calls": calls, "points": []}
     for tasks in task_counts:
@@ -149,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kernels.bench.profile", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="omniglot-5w1s", choices=sorted(CONFIGS))
     p.add_argument("--tasks", default="1,128", help="comma-separated task counts")
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default=None, help="triton tl.dot precision: ieee | tf32x3 | tf32")
+    p.add_argument("--precision", default=None, choices=PRECISIONS, help="triton tl.dot precision (default ieee)")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--top", type=int, default=25, help="rows per point in the table")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")

@@ -105,12 +105,19 @@ def collect(precisions) -> dict:
                     qx = torch.empty(tasks, queries, *spec.input_shape, device="meta")
                     sy = torch.empty(tasks, support, dtype=torch.int64, device="meta")
                     for precision in precisions:
-                        for policy, lr in (("support", 0.1), ("transductive", lrs)):
-                            p = AdaptProgram(spec, tasks, support, queries, 2, True, policy, precision, "meta")
-                            p.meta, p.lr, p.support_x, p.support_y, p.query_x = meta, lr, sx, sy, qx
+                        # one rate as a float (eager launches) and as a device scalar (captured programs), and
+                        # Meta-SGD rates; adapt_predict and adapt alone, each with the support statistics out
+                        lr_scalar = torch.empty((), device="meta")
+                        for policy, lr, q in (("support", 0.1, qx), ("support", lr_scalar, qx),
+                                              ("transductive", lrs, qx), ("support", lr_scalar, None)):
+                            p = AdaptProgram(spec, tasks, support, 0 if q is None else queries, 2, True, policy,
+                                             precision, "meta", support_stats=True)
+                            p.meta, p.lr, p.support_x, p.support_y, p.query_x = meta, lr, sx, sy, q
                             p.launch()
                         stacked = {k: v.expand(tasks, *v.shape).contiguous() for k, v in meta.items()}
-                        predict_conv4(spec, stacked, qx, sx, "support", precision)
+                        sums = torch.empty(4, tasks, 2, spec.hidden, device="meta", dtype=torch.float64)
+                        predict_conv4(spec, stacked, qx, precision, sums)  # from stored statistics
+                        predict_conv4(spec, stacked, qx, precision)  # transductive
     finally:
         ck.fwd_blocks, cg.bwd_blocks = blocks
     return found

@@ -134,7 +134,8 @@ def check_adapt(arch, tiny, precision):
     spec = _spec(arch, 5, 0.4 if arch == "conv4-omniglot" else 0.01, steps, tiny)
     model = _model(spec, 1)
     sx, sy, qx = _tasks(spec, 2 if tiny else 8, 3 if tiny else 75, 2)
-    got, logits = TritonBackend(DEV, precision=precision).adapt_predict(model, sx, sy, qx, track=True)
+    got, logits = TritonBackend(DEV, precision=precision).adapt_predict(model, sx, sy, qx, steps, spec.inner_lr,
+                                                                        track=True)
     ratios = adapt_error_ratio(spec, model.params, sx, sy, qx, steps, spec.inner_lr, spec.bn_policy, got.params,
                                logits)
     limit = RATIO if precision != "tf32" else 1000.0  # tf32 is reported, not held to float32 accuracy
@@ -148,8 +149,9 @@ def time_adapt(arch, tasks, precision, tiny, steps=10, queries=75, reps=20):
         tasks, queries, steps, reps = min(tasks, 2), 3, 1, 1
     sx, sy, qx = _tasks(spec, tasks, queries, 4)
     backend = TritonBackend(DEV, precision=precision)
-    call = lambda: backend.adapt_predict(model, sx, sy, qx, steps=steps, track=False)  # noqa: E731
-    call()  # compile + capture
+    call = lambda: backend.adapt_predict(model, sx, sy, qx, steps, spec.inner_lr, track=False)  # noqa: E731
+    with backend.warming():
+        call()  # compile + capture
     call()
     reps = max(1 if tiny else 3, reps if tasks <= 64 else reps // 4)
     cuda = DEV.type == "cuda"
@@ -161,8 +163,8 @@ def time_adapt(arch, tasks, precision, tiny, steps=10, queries=75, reps=20):
     sync()
     ms = (time.perf_counter() - t0) * 1e3 / reps
     graph_ms = None
-    entry = next(iter(backend._graphs.values()), None)
-    if cuda and entry is not None and len(backend._graphs) == 1:
+    entry = next(iter(backend.graphs.entries()), None)
+    if cuda and entry is not None and len(backend.graphs) == 1:
         t0 = time.perf_counter()
         for _ in range(reps):
             entry.graph.replay()

@@ -5,52 +5,29 @@
 - `triton`: fused Triton kernels, captured in a CUDA graph (CUDA, or the Triton interpreter on the CPU).
 - `auto`: `triton` on CUDA, `reference` on the CPU.
 
-Serving adapts first-order (no graph through the steps is kept). All backends return the same results to the
-tolerance stated in tests/kernels, for any number of tasks: large batches run in task chunks (kernels.engine.chunking).
+Every backend implements kernels.engine.protocol.AdaptBackend; Engine resolves the defaults (steps, and the inner
+lr by MetaModel.inner_lr, the one rule) and calls nothing else. Serving adapts first-order (no graph through the
+steps is kept). All backends return the same results to the tolerance stated in tests/kernels, for any number of
+tasks: large batches run in task chunks (kernels.engine.chunking). An adaptation carries the support statistics its
+predict needs (AdaptResult.stats), so predict never forwards the support rows again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
-from kernels.engine.chunking import check_task_counts, default_budget, run_chunked, task_chunk
 from kernels.engine.precision import check_precision
+from kernels.engine.protocol import AdaptBackend
+from kernels.engine.reference import ReferenceBackend
 from models.checkpoint import MetaModel
 from models.maml import AdaptResult
-from models.maml import adapt as reference_adapt
-from models.maml import predict as reference_predict
+from models.spec import ModelSpec
 
 BACKENDS = ("auto", "reference", "graph", "triton")
-
-
-class ReferenceBackend:
-    """Torch autograd over the task-stacked forward; batches too large for one call run in task chunks
-    (kernels.engine.chunking: the 32-bit index limit of GPU convolutions, and a memory budget)."""
-
-    name = "reference"
-
-    def __init__(self, device: torch.device | str | None = None, budget_bytes: int | None = None):
-        self.budget_bytes = default_budget(device) if budget_bytes is None else int(budget_bytes)
-
-    def adapt(self, model: MetaModel, support_x, support_y, steps: int, lr, track: bool) -> AdaptResult:
-        spec = model.spec
-        check_task_counts(support_x.shape[0], "support_x", support_y=support_y)
-        chunk = task_chunk(spec, support_x.shape[1], 0, spec.bn_policy, self.budget_bytes)
-        return run_chunked(support_x.shape[0], chunk, lambda s: reference_adapt(
-            spec, model.params, support_x[s], support_y[s], steps, lr, track=track))
-
-    def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
-        spec = model.spec
-        check_task_counts(query_x.shape[0], "query_x", support_x=support_x, **{f"fast[{k!r}]": v for k, v in
-                                                                               fast.items()})
-        support = 0 if support_x is None else support_x.shape[1]
-        chunk = task_chunk(spec, support, query_x.shape[1], bn_policy or spec.bn_policy, self.budget_bytes)
-        with torch.no_grad():
-            return run_chunked(query_x.shape[0], chunk, lambda s: reference_predict(
-                spec, {k: v[s] for k, v in fast.items()}, query_x[s], None if support_x is None else support_x[s],
-                bn_policy))
+__all__ = ["BACKENDS", "AdaptBackend", "Engine", "ReferenceBackend", "make_backend", "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -83,7 +60,7 @@ def make_backend(name: str, device: torch.device, precision: str | None = None):
 
 
 class Engine:
-    """adapt(model, support_x, support_y, steps, lr) -> fast params; predict(model, fast, query_x) -> logits.
+    """adapt(model, support_x, support_y, steps, lr) -> AdaptResult; predict(model, fast, query_x, stats) -> logits.
 
     Inputs are task-stacked and already preprocessed float32 on the engine's device:
     support_x [T, N*K, *input_shape], support_y [T, N*K] int64, query_x [T, Q, *input_shape].
@@ -105,27 +82,49 @@ class Engine:
                     raise ValueError(f"precision {precision!r} is an option of the triton backend, the backend is "
                                      f"{self.backend_name!r}; expected --backend triton (or auto on a GPU)")
                 precision = None
-        self.backend = make_backend(self.backend_name, self.device, precision)
-        self.precision = getattr(self.backend, "precision", None)  # None: torch fp32 (no Triton kernels)
+        self.backend: AdaptBackend = make_backend(self.backend_name, self.device, precision)
+
+    @property
+    def precision(self) -> str | None:
+        """The Triton kernels' dot precision; None: torch fp32 (no Triton kernels)."""
+        return self.backend.precision
 
     def capture_failures(self) -> list[str]:
-        """Why CUDA-graph captures failed (those buckets run eagerly: right results, launch-bound speed)."""
-        report = getattr(self.backend, "capture_failures", None)  # backends without graphs have none
-        return report() if report is not None else []
+        """Why CUDA-graph captures failed (those keys run eagerly: right results, launch-bound speed)."""
+        return self.backend.capture_failures()
 
-    def adapt(self, model: MetaModel, support_x, support_y, steps: int | None = None, lr=None, track: bool = True):
+    def graph_capacity(self) -> int | None:
+        return self.backend.graph_capacity()
+
+    def max_rows(self, spec: ModelSpec) -> int | None:
+        """The most rows per task (support + query) the backend's kernels take; None: no limit."""
+        return self.backend.max_rows(spec)
+
+    def warming(self):
+        """`with engine.warming():` calls capture on first use and stay captured (the server's warm-up)."""
+        return self.backend.warming()
+
+    @staticmethod
+    def _rates(model: MetaModel, lr) -> tuple[MetaModel, object]:
+        """The one learning-rate rule (MetaModel.inner_lr / step_rates): a client's override replaces the
+        checkpoint's learned rates, per-step ones (LSLR) included."""
+        if model.step_lrs is not None and model.step_rates(lr) is None:
+            model = dataclasses.replace(model, step_lrs=None)
+        return model, model.inner_lr(lr)
+
+    def adapt(self, model: MetaModel, support_x, support_y, steps: int | None = None, lr=None,
+              track: bool = True) -> AdaptResult:
         steps = model.spec.steps if steps is None else steps
-        return self.backend.adapt(model, support_x, support_y, steps, model.inner_lr(lr), track)
+        model, rate = self._rates(model, lr)
+        return self.backend.adapt(model, support_x, support_y, steps, rate, track)
 
-    def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
-        return self.backend.predict(model, fast, query_x, support_x, bn_policy)
+    def predict(self, model: MetaModel, fast, query_x, stats=None, bn_policy=None) -> torch.Tensor:
+        """stats: the adaptation's support statistics (AdaptResult.stats) where the BN policy needs them."""
+        return self.backend.predict(model, fast, query_x, stats, bn_policy)
 
     def adapt_predict(self, model: MetaModel, support_x, support_y, query_x, steps: int | None = None, lr=None,
                       track: bool = True, bn_policy=None) -> tuple[AdaptResult, torch.Tensor]:
         """Adapt and predict in one call (one CUDA-graph replay on the graph and triton backends)."""
         steps = model.spec.steps if steps is None else steps
-        fused = getattr(self.backend, "adapt_predict", None)
-        if fused is not None:
-            return fused(model, support_x, support_y, query_x, steps=steps, lr=lr, track=track, bn_policy=bn_policy)
-        result = self.adapt(model, support_x, support_y, steps, lr, track)
-        return result, self.predict(model, result.params, query_x, support_x, bn_policy)
+        model, rate = self._rates(model, lr)
+        return self.backend.adapt_predict(model, support_x, support_y, query_x, steps, rate, track, bn_policy)

@@ -1,11 +1,13 @@
 """Task chunks for the torch backends (`reference`, `graph`): large batches run as several calls.
 
 The task-stacked forward folds tasks into channels, so one call's tensors grow with T: 1,024 tasks of 20-way 1-shot
-Omniglot predicted with 300 queries make a first-layer activation of 320 x 65,536 x 14 x 14 = 4.1e9 elements, past
+Omniglot predicted with 300 queries make a first-layer activation of 300 x 65,536 x 14 x 14 = 3.9e9 elements, past
 the 32-bit indexing limit of the GPU convolution kernels (PyTorch's grouped convolution fails there), and 1,024
 mini-ImageNet tasks with 75 queries need ~75 GB for one activation. A backend asks `task_chunk` how many tasks fit in
 one call and `run_chunked` runs the slices and joins the results; each task's result does not depend on the others,
-so chunking changes nothing but the peak size. (The Triton backend sizes its own chunks from its workspace.)
+so chunking changes nothing but the peak size. Predict forwards the query rows alone (the `support` policy
+normalizes them with the adaptation's stored statistics), so its rows are the queries under either policy.
+(The Triton backend sizes its own chunks from its workspace.)
 
 Budget: FASTADAPT_REFERENCE_WORKSPACE_MB, else a quarter of the GPU's memory, else a quarter of the host's.
 """
@@ -52,47 +54,41 @@ def conv4_row_elements(spec: ModelSpec) -> list[int]:
     return sizes
 
 
-def _rows(support: int, queries: int, policy: str) -> int:
-    return (support + queries if policy == "support" else queries) if queries else 0
-
-
-def largest_tensor_elements(spec: ModelSpec, support: int, queries: int, policy: str) -> int:
-    """Elements one task adds to the largest activation of a call (tasks are folded into channels)."""
-    rows = max(support, _rows(support, queries, policy), 1)
+def largest_tensor_elements(spec: ModelSpec, support: int, queries: int) -> int:
+    """Elements one task adds to the largest activation of a call (tasks are folded into channels). A predict
+    forwards the query rows alone (under the `support` policy it normalizes with the adaptation's stored
+    statistics), so adapt and predict are separate passes: the larger of the two counts."""
+    rows = max(support, queries, 1)
     return rows * max(max(conv4_row_elements(spec)), math.prod(spec.input_shape))
 
 
-def task_bytes(spec: ModelSpec, support: int, queries: int, policy: str) -> int:
+def task_bytes(spec: ModelSpec, support: int, queries: int) -> int:
     """Peak bytes one task adds to a call. First-order adaptation keeps one step's autograd graph: conv output, BN
-    output and ReLU output (+ pool) of every block for the support rows; predict holds about three activations of
-    the widest block at a time."""
+    output and ReLU output (+ pool) of every block for the support rows; predict (and the support-statistics pass
+    after the last step) holds about three activations of the widest block at a time."""
     per_row = conv4_row_elements(spec)
     image = math.prod(spec.input_shape)
-    predict_rows = _rows(support, queries, policy)
-    return 4 * (4 * sum(per_row) * support + 3 * max(per_row) * predict_rows + image * (support + queries))
+    return 4 * (4 * sum(per_row) * support + 3 * max(per_row) * max(support, queries) + image * (support + queries))
 
 
-def task_chunk(spec: ModelSpec, support: int, queries: int, policy: str, budget_bytes: int) -> int:
+def task_chunk(spec: ModelSpec, support: int, queries: int, budget_bytes: int) -> int:
     """Most tasks one call may take: every tensor under INDEX_LIMIT elements and the call within budget_bytes.
 
-    support / queries: rows per task (queries = 0 for adapt alone); policy: the BN policy of the predict.
+    support / queries: rows per task (queries = 0 for adapt alone, support = 0 for predict alone).
     """
     if not spec.arch.startswith("conv4"):
         return 1 << 30  # the MLP's activations are a few hundred floats a row
-    by_index = INDEX_LIMIT // largest_tensor_elements(spec, support, queries, policy)
-    by_memory = budget_bytes // max(task_bytes(spec, support, queries, policy), 1)
+    by_index = INDEX_LIMIT // largest_tensor_elements(spec, support, queries)
+    by_memory = budget_bytes // max(task_bytes(spec, support, queries), 1)
     return max(1, min(by_index, by_memory))
 
 
-def check_task_counts(tasks: int, source: str, **tensors) -> None:
-    """Before slicing: every tensor must have `tasks` on its leading axis (a slice would hide a mismatch)."""
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            raise ValueError(f"{name} is {type(t).__name__}, expected a tensor with {tasks} tasks on its first axis")
-        if t.shape[0] != tasks:
-            raise ValueError(f"{name} has shape {list(t.shape)}: {t.shape[0]} tasks, expected {tasks} (as {source})")
+def max_rows(spec: ModelSpec, device: torch.device) -> int | None:
+    """Most rows one task may forward in one call of the torch backends: on CUDA one task's largest activation must
+    stay under INDEX_LIMIT (task chunks cannot split a task); None on the CPU (no such limit)."""
+    if torch.device(device).type != "cuda" or not spec.arch.startswith("conv4"):
+        return None
+    return INDEX_LIMIT // largest_tensor_elements(spec, 1, 0)
 
 
 def _join(results: list) -> AdaptResult | torch.Tensor | tuple:
@@ -103,7 +99,9 @@ def _join(results: list) -> AdaptResult | torch.Tensor | tuple:
         return tuple(None if parts[0] is None else _join(list(parts)) for parts in zip(*results, strict=True))
     params = {k: torch.cat([r.params[k] for r in results]) for k in first.params}
     cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim=1)  # noqa: E731  [steps + 1, T]
-    return AdaptResult(params, cat([r.support_loss for r in results]), cat([r.support_accuracy for r in results]))
+    stats = None if first.stats is None else {k: torch.cat([r.stats[k] for r in results]) for k in first.stats}
+    return AdaptResult(params, cat([r.support_loss for r in results]), cat([r.support_accuracy for r in results]),
+                       stats=stats)
 
 
 def run_chunked(tasks: int, chunk: int, fn: Callable[[slice], object]):

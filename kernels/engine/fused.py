@@ -1,17 +1,24 @@
-"""The `triton` engine backend: the fused kernels of kernels.fused.program behind the ReferenceBackend interface.
+"""The `triton` engine backend: the fused kernels of kernels.fused.program (kernels.engine.protocol.AdaptBackend).
 
-On CUDA the whole K-step adapt (+ predict, with `adapt_predict`) of one shape bucket is captured once in a CUDA
-graph and replayed: ~9 launches per step would otherwise cost more in launch overhead than in work at T=1.
-A bucket is (model tensors, lr, task count rounded up to 1, 2, 3, 4, 6, 8, 12, ..., support and query sizes,
-steps, track, BN policy, precision); captured programs are kept least-recently-used, bounded in count and
-bytes. Inputs are copied into the graph's static buffers (padding tasks keep stale but finite data and are
-dropped), outputs are copied out, so a replay never aliases a returned tensor.
+On CUDA the whole K-step adapt (+ predict, with `adapt_predict`) of one key is captured once in a CUDA graph and
+replayed: ~9 launches per step would otherwise cost more in launch overhead than in work at T=1. A key is what the
+program's shapes and flags depend on: the model's tensors, the lr *kind* (one rate, or the model's Meta-SGD rates),
+the task count and (under the `support` BN policy, where query rows are independent) the query count rounded up to
+1, 2, 3, 4, 6, 8, 12, ... (task_bucket), the support size, steps, track, BN policy and precision. Never a value:
+the lr lives in the program's device scalar, refilled before each replay. Captures follow kernels.engine.graph_cache:
+a key's first call launches eagerly (no padding, nothing kept), it is captured when it recurs (or at once inside
+`warming()`), and programs are kept least-recently-used, bounded in count and bytes, warmed ones pinned. Inputs are
+copied into the program's static buffers (padding rows and tasks keep stale but finite data and are dropped),
+outputs are copied out, so a replay never aliases a returned tensor.
 Task batches larger than the workspace budget are cut into chunks (1024 tasks of mini-ImageNet with 75 queries
 need ~70 MB per task for the first layer's activations alone).
 
+The support statistics a `support`-policy adaptation keeps (AdaptResult.stats) come out of the program's last
+support forward; predict takes them back (kernels.fused.stats.moment_sums) and forwards the query rows alone.
+
 On the CPU the same kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before the kernels are
-imported): no graphs, just launches; slow, for tests. mlp-* architectures have no fused kernels and run on the
-reference path (logged once).
+imported): no graphs, just launches; slow, for tests. mlp-* architectures and recipes the kernels do not implement
+(ANIL / no-BN adapted subsets, per-step rates) run on the reference backend (logged once).
 
 Environment: FASTADAPT_TRITON_PRECISION = ieee (default) | tf32x3 | tf32 selects tl.dot's input precision
 (tf32 trades ~1e-3 relative error in logits for tensor-core speed; tf32x3 is near fp32 at 3 tensor-core passes);
@@ -21,51 +28,51 @@ FASTADAPT_TRITON_WORKSPACE_MB caps the workspace per chunk (default: a quarter o
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from kernels.engine.chunking import run_chunked
+from kernels.engine.graph_cache import GraphCache, query_bucket, task_bucket
+from kernels.engine.reference import ReferenceBackend, recipe_options
+from kernels.engine.validation import check_adapt, check_predict, check_tensor
 from kernels.fused.common import check_precision, kernels_interpreted
-from kernels.fused.program import TRITON_ARCHS, AdaptProgram, predict_conv4, workspace_bytes_per_task
+from kernels.fused.program import (
+    TRITON_ARCHS,
+    AdaptProgram,
+    max_rows_per_task,
+    predict_conv4,
+    workspace_bytes_per_task,
+)
+from kernels.fused.stats import moment_sums, moments_dict
 from models.checkpoint import MetaModel
 from models.functional import param_shapes
 from models.maml import AdaptResult
-from models.maml import adapt as reference_adapt
-from models.maml import predict as reference_predict
+from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-def task_bucket(n: int) -> int:
-    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them) that holds n tasks."""
-    b = 1
-    while b < n:
-        b = b + 1 if b < 2 else (b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3)
-    return b
+__all__ = ["TritonBackend", "task_bucket"]
 
 
 @dataclass
 class _Captured:
     program: AdaptProgram  # static inputs, workspace and outputs
     graph: object  # torch.cuda.CUDAGraph (anything with replay())
-    nbytes: int  # device memory the program holds
 
 
 class TritonBackend:
-    """Fused-kernel adapt / predict with the interface of kernels.engine.ReferenceBackend (plus adapt_predict)."""
+    """Fused-kernel adapt / predict / adapt_predict (see the module docstring)."""
 
     name = "triton"
 
     def __init__(self, device: str | torch.device = "cuda", precision: str | None = None,
                  workspace_bytes: int | None = None, use_graphs: bool | None = None, max_graphs: int = 64,
-                 check_labels: bool | None = None):
-        """check_labels: range-check support_y. None (default): when the labels are in host memory, or on the CPU;
-        CUDA labels would cost a device sync per call, which is latency at T=1 (server.validation checks the
-        request's labels on the host before they reach the engine). True / False: always / never."""
+                 check_labels: bool | None = None, capture_after: int = 2):
+        """check_labels: range-check support_y. None (default): on the CPU; CUDA labels would cost a device sync per
+        call, which is latency at T=1 (server.validation checks the request's labels on the host before they reach
+        the engine). True / False: always / never. capture_after: the sighting of a key that captures it."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -90,11 +97,12 @@ class TritonBackend:
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else bool(use_graphs)
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("use_graphs=True needs a CUDA device")
-        self.max_graphs = max_graphs
         self.check_labels = check_labels
+        # Captured programs: their workspaces together within twice the per-chunk budget (1024-task mini-ImageNet
+        # programs hold tens of GB each).
+        self.graphs: GraphCache[_Captured] = GraphCache(max_graphs, 2 * self.workspace_bytes, capture_after)
+        self._reference = ReferenceBackend(self.device)  # what has no fused kernels
         self._meta_cache: dict[int, tuple[dict, tuple, dict]] = {}  # id(params) -> (params, tensors, checked)
-        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self._uncapturable: dict[tuple, str] = {}  # bucket key -> why its capture failed (then launched eagerly)
         self._lock = threading.Lock()
         self._noted_fallback: set[str] = set()
 
@@ -102,232 +110,184 @@ class TritonBackend:
 
     def adapt(self, model: MetaModel, support_x, support_y, steps: int, lr, track: bool) -> AdaptResult:
         if self._fallback(model):
-            return reference_adapt(model.spec, model.params, support_x, support_y, steps, lr, track=track)
-        result, _ = self._run(model, support_x, support_y, None, steps, lr, track, None)
+            return self._reference.adapt(model, support_x, support_y, steps, lr, track)
+        result, _ = self._run(model, support_x, support_y, None, steps, lr, track, model.spec.bn_policy)
         return result
 
-    def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
-        spec = model.spec
-        policy = bn_policy or spec.bn_policy
+    def predict(self, model: MetaModel, fast, query_x, stats=None, bn_policy=None) -> torch.Tensor:
+        """Query rows alone: normalized with the adaptation's stored statistics (`support` policy) or their own."""
         if self._fallback(model):
-            with torch.no_grad():
-                return reference_predict(spec, fast, query_x, support_x, bn_policy)
-        tasks = self._check_images(model, query_x, "query_x")[0]
-        if policy == "support":
-            if support_x is None:
-                raise ValueError(f"model {spec.name} uses bn_policy 'support': predict needs the support set")
-            if self._check_images(model, support_x, "support_x")[0] != tasks:
-                raise ValueError(f"support_x has {support_x.shape[0]} tasks, expected {tasks} like query_x")
-        fast = self._check_params(model, fast, tasks)
+            return self._reference.predict(model, fast, query_x, stats, bn_policy)
+        spec = model.spec
+        tasks, stats = check_predict(model, fast, query_x, stats, bn_policy, self.device, shared_ok=True)
+        fast = {k: fast[k].detach().contiguous() for k in param_shapes(spec)}
+        sums = None if stats is None else moment_sums(stats, 4)  # fp64 [4, T, 2, C]
         queries = query_x.shape[1]
-        support = support_x.shape[1] if policy == "support" else 0
-        chunk = max(1, self.workspace_bytes // workspace_bytes_per_task(spec, 0, queries + support, 0, "transductive"))
+        chunk = max(1, self.workspace_bytes // workspace_bytes_per_task(spec, 0, queries, 0, "transductive"))
         pieces = []
         with torch.no_grad():
             for start in range(0, tasks, chunk):
                 sl = slice(start, min(tasks, start + chunk))
                 part = {k: v if v.dim() == len(param_shapes(spec)[k]) else v[sl] for k, v in fast.items()}
-                pieces.append(predict_conv4(spec, part, query_x[sl].contiguous(), None if support_x is None else
-                                            support_x[sl].contiguous(), policy, self.precision).contiguous())
+                pieces.append(predict_conv4(spec, part, query_x[sl].contiguous(), self.precision,
+                                            None if sums is None else sums[:, sl].contiguous()).contiguous())
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def adapt_predict(self, model: MetaModel, support_x, support_y, query_x, steps: int | None = None, lr=None,
-                      track: bool = True, bn_policy: str | None = None) -> tuple[AdaptResult, torch.Tensor]:
+    def adapt_predict(self, model: MetaModel, support_x, support_y, query_x, steps: int, lr, track: bool = True,
+                      bn_policy: str | None = None) -> tuple[AdaptResult, torch.Tensor]:
         """adapt + predict in one replay (one CUDA graph): the AdaptAndPredict path. Returns (result, logits)."""
-        steps = model.spec.steps if steps is None else steps
-        lr = lr if isinstance(lr, dict) else model.inner_lr(lr)  # None / float override, or rates already resolved
-        policy = bn_policy or model.spec.bn_policy
         if self._fallback(model):
-            result = reference_adapt(model.spec, model.params, support_x, support_y, steps, lr, track=track)
-            with torch.no_grad():
-                logits = reference_predict(model.spec, result.params, query_x, support_x, policy)
-            return result, logits
-        return self._run(model, support_x, support_y, query_x, steps, lr, track, policy)
+            return self._reference.adapt_predict(model, support_x, support_y, query_x, steps, lr, track, bn_policy)
+        if query_x is None:
+            raise ValueError("adapt_predict needs query_x, got None")
+        return self._run(model, support_x, support_y, query_x, steps, lr, track, bn_policy or model.spec.bn_policy)
 
-    # ------------------------------------------------------------------------------------------------ internals
+    def capture_failures(self) -> list[str]:
+        """Why the keys whose CUDA-graph capture failed launch eagerly instead."""
+        return self.graphs.failures()
 
     def graph_capacity(self) -> int | None:
         """How many captured programs this backend keeps (None: it captures nothing)."""
-        return self.max_graphs if self.use_graphs else None
+        return self.graphs.max_entries if self.use_graphs else None
 
-    def capture_failures(self) -> list[str]:
-        """Why the buckets whose CUDA-graph capture failed launch eagerly instead."""
-        return list(self._uncapturable.values())
+    def max_rows(self, spec: ModelSpec) -> int | None:
+        """Rows per task and forwarded batch within CUDA's grid limit, from the launchers' block choices."""
+        if spec.arch not in TRITON_ARCHS:
+            return self._reference.max_rows(spec)
+        return max_rows_per_task(spec, self.device)
+
+    def warming(self):
+        return self.graphs.warming()
+
+    # ------------------------------------------------------------------------------------------------ internals
 
     def _fallback(self, model: MetaModel) -> bool:
         arch = model.spec.arch
-        if arch in TRITON_ARCHS:
+        recipe = recipe_options(model)
+        if arch in TRITON_ARCHS and not recipe:
             return False
-        if arch not in self._noted_fallback:
-            self._noted_fallback.add(arch)
+        what = arch if arch not in TRITON_ARCHS else f"{arch} with {', '.join(sorted(recipe))}"
+        if what not in self._noted_fallback:
+            self._noted_fallback.add(what)
             log.warning("backend 'triton' has no fused kernels for %s (model %s): using the reference path",
-                        arch, model.name)
+                        what, model.name)
         return True
 
-    def _check_images(self, model: MetaModel, x, name: str):
-        spec = model.spec
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 + len(spec.input_shape) or \
-                tuple(x.shape[2:]) != spec.input_shape:
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name} has shape {got}, expected [T, N, {', '.join(map(str, spec.input_shape))}] "
-                             f"for model {spec.name}")
-        if x.dtype != torch.float32:
-            raise TypeError(f"{name} has dtype {x.dtype}, expected torch.float32 (preprocessed images)")
-        if x.device != self.device:
-            raise ValueError(f"{name} is on {x.device}, expected {self.device} (the engine's device)")
-        if x.shape[0] < 1 or x.shape[1] < 1:
-            raise ValueError(f"{name} has shape {list(x.shape)}, expected at least one task and one image")
-        return x.shape
-
-    def _check_params(self, model: MetaModel, params: dict, tasks: int | None) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, shape in param_shapes(model.spec).items():
-            t = params.get(name) if isinstance(params, dict) else None
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"parameters of model {model.name} lack {name!r}")
-            ok = tuple(t.shape) == shape or (tasks is not None and tuple(t.shape) == (tasks, *shape))
-            if not ok:
-                raise ValueError(f"parameter {name} has shape {list(t.shape)}, expected {list(shape)} or "
-                                 f"[{tasks if tasks is not None else 'T'}, {', '.join(map(str, shape))}]")
-            if t.dtype != torch.float32 or t.device != self.device:
-                raise ValueError(f"parameter {name} is {t.dtype} on {t.device}, expected torch.float32 on "
-                                 f"{self.device}")
-            out[name] = t.detach().contiguous()
-        return out
-
     def _checked_meta(self, model: MetaModel, params: dict | None = None) -> dict[str, torch.Tensor]:
-        """_check_params of a meta-initialization (or Meta-SGD rates), remembered while it holds the same tensors:
-        at T=1 the per-call Python work is part of the latency."""
+        """The meta-initialization (or Meta-SGD rates) checked and contiguous, remembered while it holds the same
+        tensors: at T=1 the per-call Python work is part of the latency."""
         params = model.params if params is None else params
         hit = self._meta_cache.get(id(params))
         if hit is not None and hit[0] is params and all(a is b for a, b in zip(hit[1], params.values())):
             return hit[2]
-        checked = self._check_params(model, params, None)
+        checked = {}
+        for name, shape in param_shapes(model.spec).items():
+            t = params.get(name) if isinstance(params, dict) else None
+            if t is None:
+                raise ValueError(f"parameters of model {model.name} lack {name!r}")
+            checked[name] = check_tensor(model, name, t, shape, torch.float32, self.device).detach().contiguous()
         if len(self._meta_cache) > 16:
             self._meta_cache.clear()
         self._meta_cache[id(params)] = (params, tuple(params.values()), checked)
         return checked
 
-    def _check_inputs(self, model, support_x, support_y, query_x, lr):
-        tasks, support = self._check_images(model, support_x, "support_x")[:2]
-        if not isinstance(support_y, torch.Tensor) or tuple(support_y.shape) != (tasks, support):
-            got = list(support_y.shape) if isinstance(support_y, torch.Tensor) else type(support_y).__name__
-            raise ValueError(f"support_y has shape {got}, expected [{tasks}, {support}] like support_x")
-        if support_y.dtype != torch.int64 or support_y.device != self.device:
-            raise ValueError(f"support_y is {support_y.dtype} on {support_y.device}, expected torch.int64 on "
-                             f"{self.device}")
-        check = self.check_labels
-        if check is None:
-            check = self.device.type == "cpu"
-        if check:  # one reduction (+ a device sync on CUDA); labels steer no load, only the one-hot
-            lo, hi = (int(v) for v in torch.aminmax(support_y))
-            if lo < 0 or hi >= model.spec.ways:
-                raise ValueError(f"support_y holds labels {lo}..{hi}, expected 0..{model.spec.ways - 1}")
-        if query_x is not None and self._check_images(model, query_x, "query_x")[0] != tasks:
-            raise ValueError(f"query_x has {query_x.shape[0]} tasks, expected {tasks} like support_x")
+    def _run(self, model, support_x, support_y, query_x, steps, lr, track, policy):
+        spec = model.spec
+        check_range = self.device.type == "cpu" if self.check_labels is None else self.check_labels
+        tasks, support, lr = check_adapt(model, support_x, support_y, steps, lr, query_x, self.device, check_range)
         if isinstance(lr, dict):
             lr = self._checked_meta(model, lr)
-        elif not isinstance(lr, (int, float)) or not math.isfinite(lr):
-            raise ValueError(f"lr={lr!r}, expected a finite float or Meta-SGD rates per parameter")
-        return tasks, support, lr
-
-    def _chunk(self, spec, support, queries, steps, policy) -> int:
-        per_task = workspace_bytes_per_task(spec, support, queries, steps, policy or spec.bn_policy)
-        return max(1, self.workspace_bytes // per_task)
-
-    def _run(self, model, support_x, support_y, query_x, steps, lr, track, policy):
-        if steps < 0:
-            raise ValueError(f"steps={steps}, expected >= 0")
-        tasks, support, lr = self._check_inputs(model, support_x, support_y, query_x, lr)
         meta = self._checked_meta(model)
         queries = 0 if query_x is None else query_x.shape[1]
-        policy = policy or model.spec.bn_policy
-        chunk = self._chunk(model.spec, support, queries, steps, policy)
-        pieces = []
-        for start in range(0, tasks, chunk):
-            sl = slice(start, min(tasks, start + chunk))
-            sx, sy = support_x[sl].contiguous(), support_y[sl].contiguous()
-            qx = None if query_x is None else query_x[sl].contiguous()
-            run = self._replay if self.use_graphs else self._launch
-            pieces.append(run(model, meta, lr, sx, sy, qx, steps, track, policy, chunk))
-        if len(pieces) == 1:
-            return pieces[0]
-        params = {k: torch.cat([p[0].params[k] for p in pieces]) for k in pieces[0][0].params}
-        cat = lambda xs, dim: None if xs[0] is None else torch.cat(xs, dim)  # noqa: E731
-        result = AdaptResult(params, cat([p[0].support_loss for p in pieces], 1),
-                             cat([p[0].support_accuracy for p in pieces], 1))
-        return result, cat([p[1] for p in pieces], 0)
+        padded_q = query_bucket(spec, queries, policy) if self.use_graphs else queries
+        chunk = max(1, self.workspace_bytes // workspace_bytes_per_task(spec, support, padded_q, steps, policy))
+        run = self._replay if self.use_graphs else self._launch
 
-    def _program(self, model, tasks, support, queries, steps, track, policy):
-        return AdaptProgram(model.spec, tasks, support, queries, steps, track, policy, self.precision, self.device)
+        def piece(sl):
+            qx = None if query_x is None else query_x[sl].contiguous()
+            return run(model, meta, lr, support_x[sl].contiguous(), support_y[sl].contiguous(), qx, steps, track,
+                       policy, chunk)
+
+        return run_chunked(tasks, chunk, piece)
+
+    def _program(self, model, tasks, support, queries, steps, track, policy) -> AdaptProgram:
+        return AdaptProgram(model.spec, tasks, support, queries, steps, track, policy, self.precision, self.device,
+                            support_stats=model.spec.predict_needs_support_stats())
 
     def _launch(self, model, meta, lr, sx, sy, qx, steps, track, policy, chunk):
-        """No graph: launch every kernel now on the caller's tensors."""
+        """No graph: launch every kernel now on the caller's tensors (exact sizes, nothing kept)."""
         program = self._program(model, sx.shape[0], sx.shape[1], 0 if qx is None else qx.shape[1], steps, track,
                                 policy)
         program.meta, program.lr, program.support_x, program.support_y, program.query_x = meta, lr, sx, sy, qx
         with torch.no_grad():
             program.launch()
-        result = AdaptResult(program.fast, program.loss if track else None, program.accuracy if track else None)
+        result = AdaptResult(program.fast, program.loss if track else None, program.accuracy if track else None,
+                             stats=program.stats)
         return result, program.logits
 
+    def _key(self, model, meta, lr, tasks, support, queries, steps, track, policy) -> tuple:
+        lr_key = "scalar" if not isinstance(lr, dict) else ("meta-sgd",) + tuple(
+            (k, v.data_ptr()) for k, v in lr.items())
+        return (model.spec, tuple((k, v.data_ptr()) for k, v in meta.items()), lr_key, tasks, support, queries,
+                steps, track, policy if queries else None, self.precision)
+
     def _replay(self, model, meta, lr, sx, sy, qx, steps, track, policy, chunk):
+        spec = model.spec
         n, support = sx.shape[:2]
         queries = 0 if qx is None else qx.shape[1]
-        padded = min(task_bucket(n), chunk)
-        lr_key = ("sgd", float(lr)) if not isinstance(lr, dict) else ("meta-sgd",) + tuple(
-            (k, v.data_ptr()) for k, v in lr.items())
-        key = (model.spec, tuple((k, v.data_ptr()) for k, v in meta.items()), lr_key, padded, support, queries,
-               steps, track, policy if queries else None, self.precision)
-        if key in self._uncapturable:  # its capture failed once: launch eagerly, as without graphs
-            return self._launch(model, meta, lr, sx, sy, qx, steps, track, policy, chunk)
+        padded, padded_q = min(task_bucket(n), chunk), query_bucket(spec, queries, policy)
+        key = self._key(model, meta, lr, padded, support, padded_q, steps, track, policy)
         with self._lock:
-            entry = self._graphs.get(key)
-            if entry is None:
-                nbytes = padded * workspace_bytes_per_task(model.spec, support, queries, steps, policy)
-                # Least recently used programs go first: at most max_graphs, and their workspaces together within
-                # twice the per-chunk budget (1024-task mini-ImageNet programs hold tens of GB each).
-                while self._graphs and (len(self._graphs) >= self.max_graphs or nbytes + sum(
-                        e.nbytes for e in self._graphs.values()) > 2 * self.workspace_bytes):
-                    self._graphs.popitem(last=False)
-                try:
-                    entry = self._capture(model, meta, lr, padded, support, queries, steps, track, policy, nbytes)
-                except torch.OutOfMemoryError:
-                    raise  # not a capture problem: the caller (server.runner) splits the batch and retries
-                except Exception as exc:  # a failed capture must not fail requests: this bucket launches eagerly
-                    while len(self._uncapturable) >= 256:  # bounded: lr values are part of the key
-                        self._uncapturable.pop(next(iter(self._uncapturable)))
-                    self._uncapturable[key] = f"{type(exc).__name__}: {exc}"
-                    log.warning("CUDA-graph capture failed, this bucket launches eagerly: %s", self._uncapturable[key])
-                else:
-                    self._graphs[key] = entry
+            entry = self.graphs.get(key)
+            if entry is None and self.graphs.should_capture(key):
+                nbytes = padded * workspace_bytes_per_task(spec, support, padded_q, steps, policy)
+                if self.graphs.make_room(nbytes):
+                    try:
+                        entry = self._capture(model, meta, lr, padded, support, padded_q, steps, track, policy)
+                    except torch.OutOfMemoryError:
+                        raise  # not a capture problem: the caller (server.runner) splits the batch and retries
+                    except Exception as exc:  # a failed capture must not fail requests: this key launches eagerly
+                        why = f"{type(exc).__name__}: {exc}"
+                        self.graphs.fail(key, why)
+                        log.warning("CUDA-graph capture failed, this key launches eagerly: %s", why)
+                    else:
+                        self.graphs.insert(key, entry, nbytes)  # not kept (room pinned): used for this call only
             if entry is not None:
-                self._graphs.move_to_end(key)
-                p = entry.program
-                p.support_x[:n].copy_(sx)
-                p.support_y[:n].copy_(sy)
-                if qx is not None:
-                    p.query_x[:n].copy_(qx)
-                entry.graph.replay()
-                blob = p.final_blob.clone()
-                fast = {k: v[:n] for k, v in p._views(blob, param_shapes(model.spec)).items()}
-                # clone, never .contiguous(): a slice that is already contiguous would alias the graph's buffers
-                copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
-                loss = copy(p.loss[:, :n]) if track else None
-                acc = copy(p.accuracy[:, :n]) if track else None
-                logits = copy(p.logits[:n]) if queries else None
-        if entry is None:
-            return self._launch(model, meta, lr, sx, sy, qx, steps, track, policy, chunk)
-        return AdaptResult(fast, loss, acc), logits
+                return self._run_captured(entry, spec, lr, sx, sy, qx, n, queries, track)
+        return self._launch(model, meta, lr, sx, sy, qx, steps, track, policy, chunk)
 
-    def _capture(self, model, meta, lr, tasks, support, queries, steps, track, policy, nbytes) -> _Captured:
+    @staticmethod
+    def _run_captured(entry: _Captured, spec, lr, sx, sy, qx, n, queries, track):
+        p = entry.program
+        if not isinstance(lr, dict):
+            if isinstance(lr, torch.Tensor):
+                p.lr.copy_(lr)
+            else:
+                p.lr.fill_(lr)
+        p.support_x[:n].copy_(sx)
+        p.support_y[:n].copy_(sy)
+        if qx is not None:
+            p.query_x[:n, :queries].copy_(qx)
+        entry.graph.replay()
+        fast = {k: v[:n] for k, v in p.split(p.final_blob.clone()).items()}
+        # clone, never .contiguous(): a slice that is already contiguous would alias the graph's buffers
+        copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+        loss = copy(p.loss[:, :n]) if track else None
+        acc = copy(p.accuracy[:, :n]) if track else None
+        stats = moments_dict(copy(p.moments[:, :, :n])) if p.support_stats else None
+        logits = copy(p.logits[:n, :queries]) if queries else None
+        return AdaptResult(fast, loss, acc, stats=stats), logits
+
+    def _capture(self, model, meta, lr, tasks, support, queries, steps, track, policy) -> _Captured:
         spec, dev = model.spec, self.device
         program = self._program(model, tasks, support, queries, steps, track, policy)
-        program.meta, program.lr = meta, lr  # the model's own tensors: their addresses are part of the key
+        program.meta = meta  # the model's own tensors: their addresses are part of the key
+        # Meta-SGD: the model's rates (addresses in the key); one rate: the program's device scalar, set per replay
+        program.lr = lr if isinstance(lr, dict) else torch.full((), float(lr), dtype=torch.float32, device=dev)
         program.support_x = torch.zeros(tasks, support, *spec.input_shape, device=dev)
         program.support_y = torch.zeros(tasks, support, dtype=torch.int64, device=dev)
         program.query_x = torch.zeros(tasks, queries, *spec.input_shape, device=dev) if queries else None
-        return _Captured(program, self._record(program), nbytes)
+        return _Captured(program, self._record(program))
 
     def _record(self, program: AdaptProgram):
         """Compile (warm-up run on a side stream), then capture every launch of `program` in a CUDA graph."""

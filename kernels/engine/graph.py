@@ -4,31 +4,38 @@ Launch overhead dominates MAML serving: a 10-step adapt of one Omniglot task is 
 the whole reference loop once per shape bucket and replaying it turns those launches into one. The captured math is the
 reference's own (`models.maml.adapt` / `predict` run inside the capture), so results match the `reference` backend.
 
-One bucket per (architecture, T, N*K, Q, steps, lr type, track, BN policy): inputs are copied into the bucket's static
-buffers (support/query images, labels, the meta-initialization, the learning rate), the graph is replayed, and the
-static outputs are cloned before they are returned (the next replay overwrites them; the server caches fast weights).
-The learning rate lives in a device tensor, so a new lr value reuses the bucket; a new lr *type* (one float vs
-Meta-SGD per-parameter rates) is another bucket. Warm-up runs on a side stream before capture (cuDNN autotuning and
-lazy initialisation must not be captured). Buckets are kept in an LRU of `max_buckets`.
+One bucket per (op, architecture, task count and, where query rows are independent, query count rounded up to the
+task_bucket series, N*K, steps, lr type, track, BN policy): inputs are copied into the bucket's static buffers
+(support/query images, labels, fast weights, support statistics, the meta-initialization, the learning rate; padding
+tasks and rows hold zeros or earlier data, finite either way, and their results are dropped), the graph is replayed,
+and the static outputs are sliced and cloned before they are returned (the next replay overwrites them; the server
+caches fast weights). The learning rate lives in a device tensor, so a new lr value reuses the bucket; a new lr
+*type* (one float vs Meta-SGD per-parameter rates) is another bucket. Warm-up runs on a side stream before capture
+(cuDNN autotuning and lazy initialisation must not be captured). Which keys get a bucket and which are kept is
+kernels.engine.graph_cache's policy: a key's first call runs eagerly on the caller's tensors, it is captured when it
+recurs (at once inside `warming()`), buckets are kept least recently used with warmed ones pinned.
 
 Serving adapts first-order from a meta-initialization that is a constant: no meta-gradient flows out of this backend.
+Models with a recipe (ANIL's adapted subset, MAML++'s per-step rates) run on the reference backend.
 With `capture=False` (the CPU tests) a bucket runs the same function eagerly and copies into the same static output
-buffers, so the bucketing and buffer logic is tested without CUDA.
+buffers, so the bucketing, padding and buffer logic is tested without CUDA.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from kernels.engine.chunking import check_task_counts, default_budget, run_chunked, task_chunk
+from kernels.engine.chunking import default_budget, max_rows, run_chunked, task_chunk
+from kernels.engine.graph_cache import GraphCache, query_bucket, task_bucket
+from kernels.engine.reference import ReferenceBackend, recipe_options
+from kernels.engine.validation import check_adapt, check_predict
 from models.checkpoint import MetaModel
-from models.maml import AdaptResult
+from models.maml import AdaptResult, adaptation_stats
 from models.maml import adapt as reference_adapt
 from models.maml import predict as reference_predict
 from models.spec import ModelSpec
@@ -43,10 +50,10 @@ class BucketKey:
     """What a captured graph depends on: shapes, step count, lr type, tracking, BN policy (never values)."""
 
     op: str  # "adapt", "predict" or "adapt_predict"
-    arch: tuple  # (arch, input_shape, ways, hidden): everything that fixes the parameter shapes
-    tasks: int
-    support: int  # N*K (0 for a predict that does not need the support set)
-    queries: int  # Q (0 for adapt)
+    arch: tuple  # (arch, input_shape, ways, hidden, bn_policy): what fixes the parameter shapes and the stats
+    tasks: int  # task bucket
+    support: int  # N*K (0 for predict)
+    queries: int  # Q, bucketed where query rows are independent (0 for adapt)
     steps: int
     lr_type: str  # "scalar", "per-param" or "" (predict)
     track: bool
@@ -54,7 +61,8 @@ class BucketKey:
 
 
 def arch_key(spec: ModelSpec) -> tuple:
-    return (spec.arch, tuple(spec.input_shape), spec.ways, spec.hidden)
+    # the model's own policy decides whether an adaptation carries support statistics (an output of the graph)
+    return (spec.arch, tuple(spec.input_shape), spec.ways, spec.hidden, spec.bn_policy)
 
 
 def lr_type(lr) -> str:
@@ -76,30 +84,28 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         torch._foreach_copy_(dst, src)
 
 
+def _region(static: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The leading corner of a (padded) static buffer that a value of this call fills."""
+    return static[tuple(slice(0, s) for s in value.shape)] if static.shape != value.shape else static
+
+
 class _Bucket:
     """Static inputs, a captured (or eager) function over them, and its static outputs."""
 
     def __init__(self, device: torch.device, fn: Callable, inputs: dict[str, torch.Tensor], capture: bool):
         self.device, self.fn, self.inputs, self.capture = device, fn, inputs, capture
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.capture_error: str | None = None  # why this bucket runs eagerly although capture was asked for
         self.nbytes = 0  # device memory it holds (set by GraphBackend when it is built)
         self.outputs = None
         self._meta_src: list[torch.Tensor] = []
         self._meta_versions: list[int] = []
 
     def build(self) -> None:
+        """Capture (CUDA) or run once eagerly (capture=False); a capture failure propagates to the backend."""
         if self.capture:
-            try:
-                self._capture()
-                return
-            except torch.OutOfMemoryError:
-                raise  # not a capture problem: the caller (server.runner) splits the batch and retries
-            except Exception as exc:  # the bucket still works, eagerly: a failed capture must not fail requests
-                self.capture_error = f"{type(exc).__name__}: {exc}"
-                self.graph = None
-                log.warning("CUDA-graph capture failed, this bucket runs eagerly: %s", self.capture_error)
-        self.outputs = self.fn(self.inputs)
+            self._capture()
+        else:
+            self.outputs = self.fn(self.inputs)
 
     def _capture(self) -> None:
         # Warm up on a side stream: cuDNN autotuning, lazy inits and allocator growth must not land in the graph.
@@ -115,7 +121,7 @@ class _Bucket:
         self.graph = graph
 
     def load(self, values: dict[str, torch.Tensor]) -> None:
-        _copy_all([self.inputs[n] for n in values], list(values.values()))
+        _copy_all([_region(self.inputs[n], v) for n, v in values.items()], list(values.values()))
 
     def load_meta(self, values: dict[str, torch.Tensor]) -> None:
         """Copy the meta-initialization in unless it is the very same, unmodified tensors as the last call."""
@@ -139,32 +145,35 @@ def _flatten(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, AdaptResult):
-        parts = [*out.params.values(), out.support_loss, out.support_accuracy]
+        parts = [*out.params.values(), out.support_loss, out.support_accuracy, *(out.stats or {}).values()]
         return [p for p in parts if p is not None]
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in _flatten(o)]
     raise TypeError(f"unexpected graph output {type(out).__name__}")
 
 
-def _clone_result(res: AdaptResult, keep_fast: bool = True) -> AdaptResult:
-    clone = lambda t: None if t is None else t.clone()  # noqa: E731
-    params = {k: v.clone() for k, v in res.params.items()} if keep_fast else {}
-    return AdaptResult(params, clone(res.support_loss), clone(res.support_accuracy))
+def _clone_result(res: AdaptResult, tasks: int, keep_fast: bool = True) -> AdaptResult:
+    """The first `tasks` tasks of a bucket's static outputs, as tensors of their own."""
+    clone = lambda t: None if t is None else t[:, :tasks].clone()  # noqa: E731  [steps + 1, T]
+    params = {k: v[:tasks].clone() for k, v in res.params.items()} if keep_fast else {}
+    stats = None if res.stats is None else {k: v[:tasks].clone() for k, v in res.stats.items()}
+    return AdaptResult(params, clone(res.support_loss), clone(res.support_accuracy), stats=stats)
 
 
 class GraphBackend:
     """Reference adapt/predict replayed from CUDA graphs, one per shape bucket (see the module docstring)."""
 
     name = "graph"
+    precision = None
 
     def __init__(self, device: torch.device | str = "cuda", *, capture: bool | None = None,
                  max_buckets: int = DEFAULT_MAX_BUCKETS, budget_bytes: int | None = None,
-                 cache_bytes: int | None = None):
+                 cache_bytes: int | None = None, capture_after: int = 2):
         """budget_bytes: the most one call (task chunk) may use; cache_bytes: what all kept buckets may hold
-        together (default twice budget_bytes), least recently used evicted first."""
+        together (default twice budget_bytes), least recently used evicted first; capture_after: the sighting of a
+        key that builds its bucket."""
         self.device = torch.device(device)
         self.budget_bytes = default_budget(self.device) if budget_bytes is None else int(budget_bytes)
-        self.cache_bytes = 2 * self.budget_bytes if cache_bytes is None else int(cache_bytes)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.capture = self.device.type == "cuda" if capture is None else bool(capture)
@@ -173,55 +182,80 @@ class GraphBackend:
         if max_buckets < 1:
             raise ValueError(f"max_buckets={max_buckets}, expected >= 1")
         self.max_buckets = max_buckets
-        self.buckets: OrderedDict[BucketKey, _Bucket] = OrderedDict()
-        self.captures = 0  # buckets built so far (tests and the benchmark read it)
+        cache_bytes = 2 * self.budget_bytes if cache_bytes is None else int(cache_bytes)
+        self.graphs: GraphCache[_Bucket] = GraphCache(max_buckets, cache_bytes, capture_after)
+        self._reference = ReferenceBackend(self.device, self.budget_bytes)  # models with a recipe
         self._lock = threading.Lock()  # static buffers are shared: one call at a time
+
+    @property
+    def buckets(self) -> dict[BucketKey, _Bucket]:
+        """The kept buckets, least recently used first."""
+        return dict(self.graphs.items())
+
+    @property
+    def captures(self) -> int:
+        """Buckets built so far (tests and the benchmark read it)."""
+        return self.graphs.captures
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.graphs.max_bytes
 
     def graph_capacity(self) -> int | None:
         """How many captured buckets this backend keeps (None: it captures nothing)."""
         return self.max_buckets if self.capture else None
 
     def capture_failures(self) -> list[str]:
-        """Why the kept buckets that asked for a CUDA graph run eagerly instead."""
-        return [b.capture_error for b in self.buckets.values() if b.capture_error]
+        """Why the keys whose CUDA-graph capture failed run eagerly instead."""
+        return self.graphs.failures()
+
+    def max_rows(self, spec: ModelSpec) -> int | None:
+        return max_rows(spec, self.device)
+
+    def warming(self):
+        return self.graphs.warming()
 
     # -- buckets -----------------------------------------------------------------------------------------------
-    def _run_bucket(self, key: BucketKey, fn: Callable, values: dict[str, torch.Tensor], meta: dict):
-        """Find or build the bucket, copy this call's values into its static inputs, replay; returns the outputs."""
-        bucket = self.buckets.get(key)
+    def _run_bucket(self, key: BucketKey, fn: Callable, values: dict[str, torch.Tensor], meta: dict,
+                    padded: dict[str, tuple]):
+        """Run fn over this call's values: eagerly on them (a cold key: returns (outputs, False)), or through the
+        key's bucket (returns (its static outputs, True): padded, overwritten by the next replay).
+        padded: the static shape of each value that is padded (tasks, query rows)."""
+        bucket = self.graphs.get(key)
         if bucket is None:
-            cuda = self.device.type == "cuda"
-            before = torch.cuda.memory_allocated(self.device) if cuda else 0
-            statics = {n: torch.empty(v.shape, dtype=v.dtype, device=self.device) for n, v in values.items()}
-            statics.update({n: torch.empty(v.shape, dtype=v.dtype, device=self.device) for n, v in meta.items()})
-            bucket = _Bucket(self.device, fn, statics, self.capture)
-            bucket.load(values)  # warm-up and capture read real values, not uninitialised memory
-            bucket.load_meta(meta)
-            bucket.build()
-            # What the bucket keeps: its static buffers, outputs and (CUDA) the graph's memory pool.
-            bucket.nbytes = (torch.cuda.memory_allocated(self.device) - before if cuda else
-                             sum(t.numel() * t.element_size() for t in [*statics.values(), *_flatten(bucket.outputs)]))
-            self.buckets[key] = bucket
-            self.captures += 1
-            # Least recently used go first: at most max_buckets, and together within cache_bytes (a 1,024-task
-            # bucket alone can hold a quarter of the GPU), never the bucket just built.
-            while len(self.buckets) > 1 and (len(self.buckets) > self.max_buckets or sum(
-                    b.nbytes for b in self.buckets.values()) > self.cache_bytes):
-                self.buckets.popitem(last=False)
-        else:
-            self.buckets.move_to_end(key)
+            if not self.graphs.should_capture(key) or not self.graphs.make_room():
+                return fn({**values, **meta}), False
+            bucket = self._build(key, fn, values, meta, padded)
+            if bucket is None:
+                return fn({**values, **meta}), False
         bucket.load(values)
         bucket.load_meta(meta)
-        return bucket.run()
+        return bucket.run(), True
 
-    def _check(self, model: MetaModel, name: str, x, dims: tuple, dtype: torch.dtype) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} is {type(x).__name__}, expected a torch.Tensor")
-        if x.dim() != len(dims) or any(d is not None and s != d for s, d in zip(x.shape, dims, strict=True)):
-            want = ", ".join("*" if d is None else str(d) for d in dims)
-            raise ValueError(f"{name} has shape {list(x.shape)}, expected [{want}] for model {model.name}")
-        if x.dtype != dtype:
-            raise ValueError(f"{name} has dtype {x.dtype}, expected {dtype} for model {model.name}")
+    def _build(self, key, fn, values, meta, padded) -> _Bucket | None:
+        cuda = self.device.type == "cuda"
+        before = torch.cuda.memory_allocated(self.device) if cuda else 0
+        # zeros: padding tasks and rows must hold finite data and valid labels from the first replay on
+        statics = {n: torch.zeros(padded.get(n, v.shape), dtype=v.dtype, device=self.device)
+                   for n, v in values.items()}
+        statics.update({n: torch.empty(v.shape, dtype=v.dtype, device=self.device) for n, v in meta.items()})
+        bucket = _Bucket(self.device, fn, statics, self.capture)
+        bucket.load(values)  # warm-up and capture read real values, not uninitialised memory
+        bucket.load_meta(meta)
+        try:
+            bucket.build()
+        except torch.OutOfMemoryError:
+            raise  # not a capture problem: the caller (server.runner) splits the batch and retries
+        except Exception as exc:  # the key still works, eagerly: a failed capture must not fail requests
+            why = f"{type(exc).__name__}: {exc}"
+            self.graphs.fail(key, why)
+            log.warning("CUDA-graph capture failed, this key runs eagerly: %s", why)
+            return None
+        # What the bucket keeps: its static buffers, outputs and (CUDA) the graph's memory pool.
+        bucket.nbytes = (torch.cuda.memory_allocated(self.device) - before if cuda else
+                         sum(t.numel() * t.element_size() for t in [*statics.values(), *_flatten(bucket.outputs)]))
+        self.graphs.insert(key, bucket, bucket.nbytes)  # not kept (room pinned): serves this call only
+        return bucket
 
     def _check_meta(self, model: MetaModel) -> None:
         if torch.is_grad_enabled() and any(p.requires_grad for p in model.params.values()):
@@ -233,102 +267,93 @@ class GraphBackend:
     def _lr_values(self, lr) -> dict[str, torch.Tensor]:
         if isinstance(lr, dict):
             return {f"lr.{k}": v.detach() for k, v in lr.items()}
+        if isinstance(lr, torch.Tensor):
+            return {"lr": lr.detach().reshape(()).to(device=self.device, dtype=torch.float32)}
         # A device scalar: a new lr value reuses the graph. Built on the device (no host-to-device sync per call).
         return {"lr": torch.full((), float(lr), dtype=torch.float32, device=self.device)}
 
     # -- the backend interface ---------------------------------------------------------------------------------
     def adapt(self, model: MetaModel, support_x, support_y, steps: int, lr, track: bool) -> AdaptResult:
+        if recipe_options(model):
+            return self._reference.adapt(model, support_x, support_y, steps, lr, track)
         result, _ = self._adapt_predict(model, support_x, support_y, None, steps, lr, track, None, True)
         return result
 
-    def adapt_predict(self, model: MetaModel, support_x, support_y, query_x, steps: int | None = None, lr=None,
-                      track: bool = True, bn_policy: str | None = None, *,
-                      keep_fast: bool = True) -> tuple[AdaptResult, torch.Tensor]:
+    def adapt_predict(self, model: MetaModel, support_x, support_y, query_x, steps: int, lr, track: bool = True,
+                      bn_policy: str | None = None, *, keep_fast: bool = True) -> tuple[AdaptResult, torch.Tensor]:
         """Adapt and predict in one replay (the AdaptAndPredict path): (AdaptResult, logits [T, Q, ways]).
 
-        steps / lr default to the model's (as Engine.adapt resolves them); keep_fast=False skips copying the fast
-        weights out (AdaptResult.params is then empty), for callers that do not keep the adaptation.
+        keep_fast=False skips copying the fast weights out (AdaptResult.params is then empty), for callers that do
+        not keep the adaptation.
         """
+        if recipe_options(model):
+            return self._reference.adapt_predict(model, support_x, support_y, query_x, steps, lr, track, bn_policy)
         if query_x is None:
             raise ValueError("adapt_predict needs query_x, got None")
-        steps = model.spec.steps if steps is None else steps
-        lr = lr if isinstance(lr, dict) else model.inner_lr(lr)
         return self._adapt_predict(model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast)
 
-    def predict(self, model: MetaModel, fast, query_x, support_x=None, bn_policy=None) -> torch.Tensor:
+    def predict(self, model: MetaModel, fast, query_x, stats=None, bn_policy=None) -> torch.Tensor:
         """Large batches run as task chunks (kernels.engine.chunking), each chunk a bucket of its own."""
         spec = model.spec
         policy = bn_policy or spec.bn_policy
-        needs_support = policy == "support" and spec.arch != "mlp-sinusoid"
-        if needs_support and support_x is None:
-            raise ValueError(f"model {spec.name} uses bn_policy 'support': predict needs the support set")
-        tasks = next(iter(fast.values())).shape[0]
-        self._check(model, "query_x", query_x, (tasks, None, *spec.input_shape), torch.float32)
-        check_task_counts(tasks, "the fast weights", support_x=support_x,
-                          **{f"fast[{k!r}]": v for k, v in fast.items()})
-        if needs_support:
-            self._check(model, "support_x", support_x, (tasks, None, *spec.input_shape), torch.float32)
-        else:
-            support_x = None  # not read: its statistics are not used
-        support = 0 if support_x is None else support_x.shape[1]
-        chunk = task_chunk(spec, support, query_x.shape[1], policy, self.budget_bytes)
+        tasks, stats = check_predict(model, fast, query_x, stats, bn_policy, self.device)
+        queries = query_bucket(spec, query_x.shape[1], policy)
+        chunk = task_chunk(spec, 0, queries, self.budget_bytes)
         return run_chunked(tasks, chunk, lambda s: self._predict_chunk(
-            model, {k: v[s] for k, v in fast.items()}, query_x[s], None if support_x is None else support_x[s],
-            policy))
+            model, {k: v[s] for k, v in fast.items()}, query_x[s],
+            None if stats is None else {k: v[s] for k, v in stats.items()}, policy, chunk))
 
-    def _predict_chunk(self, model: MetaModel, fast, query_x, support_x, policy: str) -> torch.Tensor:
+    def _predict_chunk(self, model: MetaModel, fast, query_x, stats, policy: str, chunk: int) -> torch.Tensor:
         """One bucket's predict; inputs checked by predict()."""
         spec = model.spec
-        tasks = query_x.shape[0]
-        values = {"query_x": query_x}
-        if support_x is not None:
-            values["support_x"] = support_x
-        support = 0 if support_x is None else support_x.shape[1]
-        key = bucket_key("predict", spec, tasks, support, query_x.shape[1], bn_policy=policy)
-        names = list(fast)
-        values.update({f"fast.{k}": v.detach() for k, v in fast.items()})
+        tasks, queries = query_x.shape[:2]
+        padded_t, padded_q = min(task_bucket(tasks), chunk), query_bucket(spec, queries, policy)
+        key = bucket_key("predict", spec, padded_t, 0, padded_q, bn_policy=policy)
+        names, stat_names = list(fast), list(stats or {})
+        values = {"query_x": query_x, **{f"fast.{k}": v.detach() for k, v in fast.items()},
+                  **{f"stats.{k}": v for k, v in (stats or {}).items()}}
+        padded = {n: (padded_t, *v.shape[1:]) for n, v in values.items()}
+        padded["query_x"] = (padded_t, padded_q, *query_x.shape[2:])
 
         def run(inputs):
             with torch.no_grad():
                 params = {k: inputs[f"fast.{k}"] for k in names}
-                return reference_predict(spec, params, inputs["query_x"], inputs.get("support_x"), policy)
+                given = {k: inputs[f"stats.{k}"] for k in stat_names} if stat_names else None
+                return reference_predict(spec, params, inputs["query_x"], bn_policy=policy, stats=given)
 
         with self._lock:
-            return self._run_bucket(key, run, values, {}).clone()
+            out, static = self._run_bucket(key, run, values, {}, padded)
+            return out[:tasks, :queries].clone() if static else out
 
     def _adapt_predict(self, model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast):
         """Checks the inputs once, then runs task chunks (kernels.engine.chunking), each a bucket of its own."""
         spec = model.spec
         self._check_meta(model)
-        if steps < 0:
-            raise ValueError(f"steps={steps}, expected >= 0")
-        self._check(model, "support_x", support_x, (None, None, *spec.input_shape), torch.float32)
-        tasks, support = support_x.shape[:2]
-        check_task_counts(tasks, "support_x", support_y=support_y)
-        if spec.is_regression:
-            self._check(model, "support_y", support_y, (tasks, support, 1), torch.float32)
-        else:
-            self._check(model, "support_y", support_y, (tasks, support), torch.int64)
-        if query_x is not None:
-            self._check(model, "query_x", query_x, (tasks, None, *spec.input_shape), torch.float32)
-        queries = 0 if query_x is None else query_x.shape[1]
-        chunk = task_chunk(spec, support, queries, bn_policy or spec.bn_policy, self.budget_bytes)
+        tasks, support, lr = check_adapt(model, support_x, support_y, steps, lr, query_x, self.device,
+                                         check_range=self.device.type == "cpu")
+        policy = bn_policy or spec.bn_policy
+        queries = 0 if query_x is None else query_bucket(spec, query_x.shape[1], policy)
+        chunk = task_chunk(spec, support, queries, self.budget_bytes)
         return run_chunked(tasks, chunk, lambda s: self._adapt_predict_chunk(
-            model, support_x[s], support_y[s], None if query_x is None else query_x[s], steps, lr, track, bn_policy,
-            keep_fast))
+            model, support_x[s], support_y[s], None if query_x is None else query_x[s], steps, lr, track, policy,
+            keep_fast, chunk))
 
-    def _adapt_predict_chunk(self, model, support_x, support_y, query_x, steps, lr, track, bn_policy, keep_fast):
+    def _adapt_predict_chunk(self, model, support_x, support_y, query_x, steps, lr, track, policy, keep_fast,
+                             chunk):
         """One bucket's adapt (+ predict); inputs checked by _adapt_predict()."""
         spec = model.spec
         tasks, support = support_x.shape[:2]
-        policy = bn_policy or spec.bn_policy
-        values = {"support_x": support_x, "support_y": support_y}
-        if query_x is not None:
-            values["query_x"] = query_x
-        values.update(self._lr_values(lr))
         predicting = query_x is not None
-        key = bucket_key("adapt_predict" if predicting else "adapt", spec, tasks, support,
-                         query_x.shape[1] if predicting else 0, steps, lr, track, policy if predicting else "")
+        queries = query_x.shape[1] if predicting else 0
+        padded_t, padded_q = min(task_bucket(tasks), chunk), query_bucket(spec, queries, policy)
+        values = {"support_x": support_x, "support_y": support_y}
+        padded = {"support_x": (padded_t, *support_x.shape[1:]), "support_y": (padded_t, *support_y.shape[1:])}
+        if predicting:
+            values["query_x"] = query_x
+            padded["query_x"] = (padded_t, padded_q, *query_x.shape[2:])
+        values.update(self._lr_values(lr))
+        key = bucket_key("adapt_predict" if predicting else "adapt", spec, padded_t, support, padded_q, steps, lr,
+                         track, policy if predicting else "")
         names = list(model.params)
         lr_names = list(lr) if isinstance(lr, dict) else None
 
@@ -336,15 +361,20 @@ class GraphBackend:
             meta = {k: inputs[f"meta.{k}"] for k in names}
             step_lr = inputs["lr"] if lr_names is None else {k: inputs[f"lr.{k}"] for k in lr_names}
             res = reference_adapt(spec, meta, inputs["support_x"], inputs["support_y"], steps, step_lr, track=track)
+            res.stats = adaptation_stats(spec, res.params, inputs["support_x"])  # the model's own policy
             if not predicting:
                 return res
+            given = res.stats
+            if spec.predict_needs_support_stats(policy) != (given is not None):  # a policy other than its own
+                given = adaptation_stats(spec, res.params, inputs["support_x"], policy)
             with torch.no_grad():
-                return res, reference_predict(spec, res.params, inputs["query_x"], inputs["support_x"], policy)
+                return res, reference_predict(spec, res.params, inputs["query_x"], bn_policy=policy, stats=given)
 
         meta = {f"meta.{k}": v for k, v in model.params.items()}
         with self._lock:
-            out = self._run_bucket(key, run, values, meta)
-            if not predicting:
-                return _clone_result(out, keep_fast), None
-            res, logits = out
-            return _clone_result(res, keep_fast), logits.clone()
+            out, static = self._run_bucket(key, run, values, meta, padded)
+            res, logits = (out, None) if not predicting else out
+            if not static:  # a cold key ran on the caller's tensors: its outputs are already its own
+                return (res if keep_fast else AdaptResult({}, res.support_loss, res.support_accuracy,
+                                                          stats=res.stats)), logits
+            return _clone_result(res, tasks, keep_fast), None if logits is None else logits[:tasks, :queries].clone()

@@ -19,6 +19,8 @@ Reference: autograd through models.functional._conv_bn_relu; BN backward in trai
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -178,6 +180,9 @@ def _sgd_bias_bn(
     if LR_MODE == 1:
         lr_g = tl.load(lr_g_ptr + co, mask=comask, other=0.0)
         lr_be = tl.load(lr_be_ptr + co, mask=comask, other=0.0)
+    elif LR_MODE == 2:
+        lr_g = tl.load(lr_g_ptr)
+        lr_be = lr_g
     else:
         lr_g = lr
         lr_be = lr
@@ -262,6 +267,8 @@ def _conv_dw_program(
         owns_bias = (tap == 0) & (ci_blk == 0)
     if LR_MODE == 1:
         lr_w = tl.load(lr_w_ptr + woff, mask=wmask, other=0.0)
+    elif LR_MODE == 2:
+        lr_w = tl.load(lr_w_ptr)
     else:
         lr_w = lr
     old_w = tl.load(w_ptr + t * w_st + woff, mask=wmask, other=0.0)
@@ -283,8 +290,8 @@ def _conv_bwd_kernel(
     bsum_ptr,  # fp64 [T, 2, COUT]: (sum dy, sum dy * xhat)
     w_ptr, b_ptr, gamma_ptr, beta_ptr,  # current [T or 1, COUT, CIN, 3, 3], [T or 1, COUT] x3
     w_new_ptr, b_new_ptr, gamma_new_ptr, beta_new_ptr,  # out: next [T, COUT, CIN, 3, 3], [T, COUT] x3
-    lr_w_ptr, lr_g_ptr, lr_be_ptr,  # Meta-SGD rates shaped like one task's parameter (LR_MODE 1); the conv bias's
-    # rate has nothing to scale (its gradient is exactly 0, see the module docstring)
+    lr_w_ptr, lr_g_ptr, lr_be_ptr,  # Meta-SGD rates shaped like one task's parameter (LR_MODE 1), or one fp32
+    # device scalar each (LR_MODE 2); the conv bias's rate has nothing to scale (its gradient is exactly 0)
     dyin_ptr,  # out [T, B, HZ, WZ, CIN]: dL/d(previous BN output) (HAS_DX)
     in_bsum_ptr,  # out, accumulated: fp64 [T, 2, CIN] previous layer's backward sums (HAS_DX)
     lr,  # scalar learning rate (LR_MODE 0)
@@ -350,6 +357,36 @@ def bwd_blocks(rows_in: int, rows_out: int, cin: int, cout: int, tasks: int, dev
     return block_r, block_k, block_ci, block_co
 
 
+@dataclass(frozen=True)
+class BwdLayout:
+    """Grid axis 1 of one backward launch: n_dx input-gradient programs (n_rb row blocks x n_dx_c Cin blocks, x4
+    parity classes at stride 2), then the weight-gradient programs (taps x n_dw_c channel-block pairs)."""
+
+    blocks: tuple[int, int, int, int]  # BLOCK_R, BLOCK_K, BLOCK_CI, BLOCK_CO
+    n_dx: int
+    n_rb: int
+    n_dx_c: int
+    n_dw_c: int
+    programs: int
+
+
+def bwd_layout(batch: int, h_in: int, w_in: int, ho: int, wo: int, cin: int, cout: int, stride: int,
+               first_layer: bool, tasks: int, device: torch.device, input_grad: bool = True,
+               weight_grad: bool = True) -> BwdLayout:
+    blocks = bwd_blocks(batch * h_in * w_in, batch * ho * wo, cin, cout, tasks, device, first_layer=first_layer)
+    block_r, _, block_ci, block_co = blocks
+    n_dx_c = triton.cdiv(cin, block_ci)
+    if stride == 2:  # 4 parity classes of ceil(H/2) x ceil(W/2) rows each (see _conv_dx_program)
+        n_rb = triton.cdiv(batch * triton.cdiv(h_in, 2) * triton.cdiv(w_in, 2), block_r)
+        n_dx = 4 * n_rb * n_dx_c if input_grad else 0
+    else:
+        n_rb = triton.cdiv(batch * h_in * w_in, block_r)
+        n_dx = n_rb * n_dx_c if input_grad else 0
+    n_dw_c = (1 if first_layer else n_dx_c) * triton.cdiv(cout, block_co)
+    n_dw = (1 if first_layer else 9) * n_dw_c if weight_grad else 0
+    return BwdLayout(blocks, n_dx, n_rb, n_dx_c, n_dw_c, n_dx + n_dw)
+
+
 LR_KEYS = ("weight", "bias", "gamma", "beta")
 
 
@@ -360,7 +397,7 @@ def conv_bn_backward_sgd(
     stats: torch.Tensor,
     bsum: torch.Tensor,
     params: dict[str, torch.Tensor],
-    lr: float | dict[str, torch.Tensor],
+    lr: float | torch.Tensor | dict[str, torch.Tensor],
     *,
     stride: int,
     in_bn: BNInput | None = None,
@@ -378,7 +415,8 @@ def conv_bn_backward_sgd(
       pre-BN output [T, B, HZ, WZ, Cin]). dy: dL/dy [T, B, Ho, Wo, Cout]; z: pre-BN output, same shape.
     stats: fp64 [T, 2, Cout] forward (sum, sum sq) over all rows; bsum: fp64 [T, 2, Cout] (sum dy, sum dy*xhat).
     params: current 'weight' [T or -, Cout, Cin, 3, 3], 'bias', 'gamma', 'beta' [T or -, Cout].
-    lr: a float, or per-element rates {'weight', 'bias', 'gamma', 'beta'} shaped like one task's parameters.
+    lr: a float, a 0-dim float32 device tensor (read by the kernel, so one captured graph serves every value), or
+      per-element rates {'weight', 'bias', 'gamma', 'beta'} shaped like one task's parameters.
     input_grad: also compute dL/d(previous BN output) into dy_in [T, B, HZ, WZ, Cin] and accumulate the previous
       layer's backward sums into in_bsum (fp64 [T, 2, Cin], must start at zero); needs in_bn. With pool_input
       and an odd HZ or WZ, the last row / column of dy_in lies in no pool window and is never written: it must
@@ -426,6 +464,9 @@ def conv_bn_backward_sgd(
     if isinstance(lr, dict):  # every rate is checked; the conv bias's is not read (its gradient is exactly 0)
         lr_mode, lr_value = 1, 0.0
         rates = {k: check_tensor(lr.get(k), f"lr[{k!r}]", shapes[k], device=dev) for k in LR_KEYS}
+    elif isinstance(lr, torch.Tensor):
+        lr_mode, lr_value = 2, 0.0
+        rates = dict.fromkeys(LR_KEYS, check_tensor(lr, "lr", (), device=dev))
     else:
         lr_mode, lr_value = 0, float(lr)
         rates = dict.fromkeys(LR_KEYS, stats)
@@ -441,18 +482,10 @@ def conv_bn_backward_sgd(
         if in_bsum is None:
             in_bsum = torch.zeros(tasks, 2, cin, device=dev, dtype=torch.float64)
         check_stats(in_bsum, "in_bsum", tasks, cin, dev)
-    block_r, block_k, block_ci, block_co = bwd_blocks(batch * h_in * w_in, batch * ho * wo, cin, cout, tasks, dev,
-                                                      first_layer=mode == 0)
-    n_dx_c = triton.cdiv(cin, block_ci)
-    if stride == 2:  # 4 parity classes of ceil(H/2) x ceil(W/2) rows each (see _conv_dx_program)
-        n_rb = triton.cdiv(batch * triton.cdiv(h_in, 2) * triton.cdiv(w_in, 2), block_r)
-        n_dx = 4 * n_rb * n_dx_c if input_grad else 0
-    else:
-        n_rb = triton.cdiv(batch * h_in * w_in, block_r)
-        n_dx = n_rb * n_dx_c if input_grad else 0
-    n_dw_c = (1 if mode == 0 else n_dx_c) * triton.cdiv(cout, block_co)
-    n_dw = (1 if mode == 0 else 9) * n_dw_c if weight_grad else 0
-    grid = (tasks, check_grid_dim(n_dx + n_dw, "conv_bn_backward_sgd programs"))
+    lay = bwd_layout(batch, h_in, w_in, ho, wo, cin, cout, stride, mode == 0, tasks, dev, input_grad, weight_grad)
+    block_r, block_k, block_ci, block_co = lay.blocks
+    n_dx, n_rb, n_dx_c, n_dw_c = lay.n_dx, lay.n_rb, lay.n_dx_c, lay.n_dw_c
+    grid = (tasks, check_grid_dim(lay.programs, "conv_bn_backward_sgd programs"))
     new = out_params if weight_grad else {k: stats for k in LR_KEYS}
     prev = in_bn if in_bn is not None else BNInput(stats, stats, stats, 1)
     _conv_bwd_kernel[grid](

@@ -50,6 +50,7 @@ def _conv_fwd_kernel(
     in_gb_st, w_st, b_st,  # task strides (0: one meta-initialization for all tasks)
     CIN: tl.constexpr, COUT: tl.constexpr, STRIDE: tl.constexpr,
     IN_MODE: tl.constexpr,  # 0 raw input, 1 bn+relu of x, 2 maxpool2(bn+relu of x)
+    COLLECT_STATS: tl.constexpr,  # accumulate stat_ptr (False: the caller normalizes with statistics it has)
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     PRECISION: tl.constexpr, EPS: tl.constexpr,
 ):
@@ -105,18 +106,19 @@ def _conv_fwd_kernel(
                 acc = tl.dot(a, wt, acc, input_precision=PRECISION)
     acc += tl.load(b_ptr + t * b_st + co, mask=comask, other=0.0)[None, :]
     tl.store(z_ptr + (t * B * hwo + p)[:, None] * COUT + co[None, :], acc, mask=pmask[:, None] & comask[None, :])
-    # Batch statistics: block-local two-pass moments, combined across blocks in fp64 (see kernels.fused.common).
-    srow = pmask & (b < STAT_B)
-    n = tl.sum(srow.to(tl.int32), axis=0)
-    sm = srow[:, None] & comask[None, :]
-    s1 = tl.sum(tl.where(sm, acc, 0.0), axis=0)
-    d = tl.where(sm, acc - (s1 / tl.maximum(n, 1).to(tl.float32))[None, :], 0.0)
-    m2 = tl.sum(d * d, axis=0)
-    s1d = s1.to(tl.float64)
-    q = m2.to(tl.float64) + s1d * s1d / tl.maximum(n, 1).to(tl.float64)
-    amask = comask & ((co * 0 + n) > 0)  # (vector form: the interpreter rejects a broadcast scalar mask)
-    tl.atomic_add(stat_ptr + t * 2 * COUT + co, s1d, mask=amask, sem="relaxed")
-    tl.atomic_add(stat_ptr + t * 2 * COUT + COUT + co, q, mask=amask, sem="relaxed")
+    if COLLECT_STATS:
+        # Batch statistics: block-local two-pass moments, combined across blocks in fp64 (see kernels.fused.common).
+        srow = pmask & (b < STAT_B)
+        n = tl.sum(srow.to(tl.int32), axis=0)
+        sm = srow[:, None] & comask[None, :]
+        s1 = tl.sum(tl.where(sm, acc, 0.0), axis=0)
+        d = tl.where(sm, acc - (s1 / tl.maximum(n, 1).to(tl.float32))[None, :], 0.0)
+        m2 = tl.sum(d * d, axis=0)
+        s1d = s1.to(tl.float64)
+        q = m2.to(tl.float64) + s1d * s1d / tl.maximum(n, 1).to(tl.float64)
+        amask = comask & ((co * 0 + n) > 0)  # (vector form: the interpreter rejects a broadcast scalar mask)
+        tl.atomic_add(stat_ptr + t * 2 * COUT + co, s1d, mask=amask, sem="relaxed")
+        tl.atomic_add(stat_ptr + t * 2 * COUT + COUT + co, q, mask=amask, sem="relaxed")
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,11 @@ def fwd_blocks(rows: int, cin: int, cout: int, tasks: int, device: torch.device)
     return block_p, block_ci, block_co
 
 
+def fwd_programs(pixels: int, cin: int, cout: int, tasks: int, device: torch.device) -> int:
+    """Programs per task on grid axis 1 for `pixels` output rows (images x Ho x Wo); CUDA caps it at 65535."""
+    return triton.cdiv(pixels, fwd_blocks(pixels, cin, cout, tasks, device)[0])
+
+
 def conv_bn_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -163,8 +170,9 @@ def conv_bn_forward(
     stat_images: int | None = None,
     out: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
+    collect_stats: bool = True,
     precision: str = "ieee",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """z = conv3x3(act(x), weight, padding 1, stride) + bias for every task, and z's batch statistics.
 
     x: raw input [T, B, Cin, H, W] when `in_bn` is None, else the previous layer's pre-BN output [T, B, H, W, Cin]
@@ -172,7 +180,8 @@ def conv_bn_forward(
     weight [T or -, Cout, Cin, 3, 3], bias [T or -, Cout]: no task axis = one meta-initialization for all tasks.
     stat_images: statistics over the first `stat_images` images of each task (default all B).
     out: optional [T, B, Ho, Wo, Cout] buffer; stats: optional fp64 [T, 2, Cout] buffer, which must hold zeros
-    (the kernel accumulates into it). Returns (z [T, B, Ho, Wo, Cout], stats).
+    (the kernel accumulates into it). collect_stats=False: z only (a predict that normalizes with statistics it
+    already has); `stats` is then not read and None is returned for it. Returns (z [T, B, Ho, Wo, Cout], stats).
     """
     check_precision(precision)
     if stride not in (1, 2):
@@ -209,24 +218,27 @@ def conv_bn_forward(
     if out is None:
         out = torch.empty(tasks, batch, ho, wo, cout, device=dev, dtype=torch.float32)
     check_tensor(out, "out", (tasks, batch, ho, wo, cout), device=dev)
-    if stats is None:
+    if not collect_stats:
+        stats = None
+    elif stats is None:
         stats = torch.zeros(tasks, 2, cout, device=dev, dtype=torch.float64)
-    check_stats(stats, "stats", tasks, cout, dev)
+    if stats is not None:
+        check_stats(stats, "stats", tasks, cout, dev)
     block_p, block_ci, block_co = fwd_blocks(batch * ho * wo, cin, cout, tasks, dev)
     grid = (tasks, check_grid_dim(triton.cdiv(batch * ho * wo, block_p), "conv_bn_forward rows"),
             triton.cdiv(cout, block_co))
-    dummy = stats
+    dummy = out if stats is None and in_bn is None else (stats if stats is not None else in_bn.stats)
     _conv_fwd_kernel[grid](
         x,
         dummy if in_bn is None else in_bn.stats,
         dummy if in_bn is None else in_bn.gamma,
         dummy if in_bn is None else in_bn.beta,
-        weight, bias, out, stats,
+        weight, bias, out, dummy if stats is None else stats,
         batch, h_in, w_in, hz, wz, ho, wo, stat_images,
         1 if in_bn is None else int(in_bn.count),
         0 if in_bn is None else (0 if in_bn.gamma.dim() == 1 else cin),
         w_st, b_st,
-        CIN=cin, COUT=cout, STRIDE=stride, IN_MODE=mode,
+        CIN=cin, COUT=cout, STRIDE=stride, IN_MODE=mode, COLLECT_STATS=stats is not None,
         BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co,
         PRECISION=precision, EPS=BN_EPS, num_warps=4,
     )

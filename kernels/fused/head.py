@@ -35,6 +35,8 @@ from kernels.fused.common import (
 from kernels.fused.conv_forward import BNInput
 from models.functional import BN_EPS
 
+MAX_TRAIN_ROWS = 1024  # a training step holds all of a task's support rows in one program
+
 
 @triton.jit
 def _feature_index(f, H, W, C: tl.constexpr, POOL: tl.constexpr):
@@ -116,7 +118,7 @@ def _head_kernel(
     dy_ptr,  # out [T, B, H, W, C]: dL/d(last BN output) (TRAIN)
     bsum_ptr,  # out, accumulated fp64 [T, 2, C]: (sum dy, sum dy * xhat) (TRAIN)
     hw_new_ptr, hb_new_ptr,  # out [T, WAYS, F], [T, WAYS]: head after one SGD step (TRAIN)
-    lr_w_ptr, lr_b_ptr,  # Meta-SGD rates [WAYS, F], [WAYS] (LR_MODE 1)
+    lr_w_ptr, lr_b_ptr,  # Meta-SGD rates [WAYS, F], [WAYS] (LR_MODE 1); one fp32 device scalar each (LR_MODE 2)
     lr,  # scalar learning rate (LR_MODE 0)
     B, H, W, LOSS_B, count, gb_st, hw_st, hb_st,
     inv_shots,  # 1 / K: the inner loss is the sum of cross-entropy over the support set divided by the shots
@@ -167,6 +169,8 @@ def _head_kernel(
             )
             if LR_MODE == 1:
                 lr_b = tl.load(lr_b_ptr + j, mask=jmask, other=0.0)
+            elif LR_MODE == 2:
+                lr_b = tl.load(lr_b_ptr)
             else:
                 lr_b = lr
             hb_old = tl.load(hb_ptr + t * hb_st + j, mask=jmask, other=0.0)
@@ -184,6 +188,8 @@ def _head_kernel(
                 dw = tl.dot(tl.trans(dlog), feats, input_precision=PRECISION)
                 if LR_MODE == 1:
                     lr_w = tl.load(lr_w_ptr + woff, mask=wmask, other=0.0)
+                elif LR_MODE == 2:
+                    lr_w = tl.load(lr_w_ptr)
                 else:
                     lr_w = lr
                 tl.store(hw_new_ptr + t * WAYS * F + woff, hw_old - lr_w * dw, mask=wmask)
@@ -208,6 +214,17 @@ def head_features(channels: int, h: int, w: int, pool: bool) -> int:
     return channels * (h // 2) * (w // 2) if pool else channels
 
 
+def head_blocks(batch: int, feats: int, train: bool) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_F): training holds all of a task's rows in one program; predict tiles them by 64."""
+    block_b = max(16, next_pow2(batch)) if train else max(16, min(64, next_pow2(batch)))
+    return block_b, max(16, min(next_pow2(feats), 4096 // block_b))
+
+
+def head_programs(batch: int, feats: int, train: bool) -> int:
+    """Programs per task on grid axis 1 (CUDA caps it at 65535; see kernels.fused.program.max_rows_per_task)."""
+    return triton.cdiv(batch, head_blocks(batch, feats, train)[0])
+
+
 def head_step(
     z: torch.Tensor,
     bn: BNInput,
@@ -221,17 +238,18 @@ def head_step(
     write_logits: bool = True,
     track: bool = False,
     train: bool = False,
-    lr: float | dict[str, torch.Tensor] | None = None,
+    lr: float | torch.Tensor | dict[str, torch.Tensor] | None = None,
     out: HeadResult | None = None,
     precision: str = "ieee",
 ) -> HeadResult:
     """Head forward (logits), optionally loss/accuracy of the first `loss_images` rows (track), optionally the
-    backward + SGD step (train: all rows are labelled support rows; lr a float or {'weight', 'bias'} rates).
+    backward + SGD step (train: all rows are labelled support rows).
 
     z: [T, B, H, W, C] last conv pre-BN output; bn: its statistics and affine; weight [T or -, ways, F];
-    bias [T or -, ways]; labels int64 [T, loss_images]. `out` may hold preallocated outputs (loss, accuracy and
-    bsum accumulate, so they must start at zero; with pool and an odd map, out.dy's last row / column is never
-    written and must hold zeros). Returns the filled HeadResult.
+    bias [T or -, ways]; labels int64 [T, loss_images]. lr: a float, a 0-dim float32 device tensor (read by the
+    kernel, so one captured graph serves every value) or {'weight', 'bias'} Meta-SGD rates. `out` may hold
+    preallocated outputs (loss, accuracy and bsum accumulate, so they must start at zero; with pool and an odd
+    map, out.dy's last row / column is never written and must hold zeros). Returns the filled HeadResult.
     """
     check_precision(precision)
     dev = z.device
@@ -254,8 +272,8 @@ def head_step(
         check_tensor(labels, "labels", (tasks, loss_images), dtype=torch.int64, device=dev)
     if train and loss_images != batch:
         raise ValueError(f"train needs every row labelled: loss_images={loss_images}, expected {batch}")
-    if train and batch > 1024:
-        raise ValueError(f"train holds a task's rows in one program: {batch} rows, expected <= 1024")
+    if train and batch > MAX_TRAIN_ROWS:
+        raise ValueError(f"train holds a task's rows in one program: {batch} rows, expected <= {MAX_TRAIN_ROWS}")
     if shots < 1:
         raise ValueError(f"shots={shots}, expected >= 1")
     out = out or HeadResult()
@@ -283,15 +301,14 @@ def head_step(
         if isinstance(lr, dict):
             lr_mode = 1
             lrs = [check_tensor(lr.get(k), f"lr[{k!r}]", s, device=dev) for k, s in shapes.items()]
+        elif isinstance(lr, torch.Tensor):  # a device scalar: a captured graph reads the value of each replay
+            lr_mode = 2
+            lrs = [check_tensor(lr, "lr", (), device=dev)] * 2
         elif lr is None:
             raise ValueError("train=True needs a learning rate")
         else:
             lr_value = float(lr)
-    if train:
-        block_b = max(16, next_pow2(batch))
-    else:
-        block_b = max(16, min(64, next_pow2(batch)))
-    block_f = max(16, min(next_pow2(feats), 4096 // block_b))
+    block_b, block_f = head_blocks(batch, feats, train)
     dummy = bn.stats
     grid = (tasks, check_grid_dim(triton.cdiv(batch, block_b), "head rows"))
     _head_kernel[grid](

@@ -3,7 +3,9 @@
 Per SGD step: 4 forward launches (conv + bias + BN statistics, previous BN/ReLU/pool folded into the load), 1 head
 launch (features, logits, loss, backward into the last conv block, head SGD update) and 4 backward launches (input
 gradient + weight gradient + SGD update of one conv block each) = 9 launches, plus 2 memsets per adapt. All
-buffers live in the program, so a CUDA graph can capture `launch()` once and replay it (see triton_backend).
+buffers live in the program, so a CUDA graph can capture `launch()` once and replay it (see kernels.engine.fused).
+The last support forward also yields the support statistics under the adapted weights (`moments`, one more launch
+turns the kernels' fp64 sums into mean / variance): what a `support`-policy adaptation keeps for Predict.
 
 Parameters ping-pong between two flat buffers: step s reads set s % 2 (the meta-initialization, task stride 0,
 at step 0) and writes the other, so one launch can update a weight that other programs of it still read.
@@ -11,14 +13,17 @@ at step 0) and writes the other, so one launch can update a weight that other pr
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from kernels.fused.conv_backward import conv_bn_backward_sgd
-from kernels.fused.conv_forward import BNInput, conv_bn_forward, conv_out_size
-from kernels.fused.head import HeadResult, head_features, head_step
+from kernels.fused.common import check_tensor
+from kernels.fused.conv_backward import bwd_layout, conv_bn_backward_sgd
+from kernels.fused.conv_forward import BNInput, conv_bn_forward, conv_out_size, fwd_programs
+from kernels.fused.head import MAX_TRAIN_ROWS, HeadResult, head_features, head_programs, head_step
+from kernels.fused.stats import bn_moments, moments_dict
 from models.functional import param_shapes
 from models.spec import ModelSpec
 
@@ -72,34 +77,48 @@ def head_lr(lr):
     return lr if not isinstance(lr, dict) else {"weight": lr["head.weight"], "bias": lr["head.bias"]}
 
 
-def forward_conv4(spec, geo, params, x, zs, stats, stat_images, precision):
-    """Four conv blocks: x [T, B, C, H, W] -> zs[i] [T, B, Ho, Wo, hidden] with statistics stats[i] (zeroed)."""
+def forward_conv4(spec, geo, params, x, zs, stats, stat_images, precision, given=None):
+    """Four conv blocks: x [T, B, C, H, W] -> zs[i] [T, B, Ho, Wo, hidden] with statistics stats[i] (zeroed) over
+    the first `stat_images` images; or, with `given` (fp64 [4, T, 2, C] sums over one row, see kernels.fused.stats),
+    normalized with those statistics and no statistics collected (`stats` is not read)."""
     for i, g in enumerate(geo):
-        in_bn = None if i == 0 else BNInput(stats[i - 1], params[f"bn{i - 1}.weight"], params[f"bn{i - 1}.bias"],
-                                            stat_images * geo[i - 1].ho * geo[i - 1].wo)
+        in_bn = None if i == 0 else bn_input(geo, params, stats if given is None else given, i - 1, stat_images,
+                                             given is not None)
         conv_bn_forward(
             x if i == 0 else zs[i - 1], params[f"conv{i}.weight"], params[f"conv{i}.bias"], stride=g.stride,
-            in_bn=in_bn, pool_input=g.pool_input, stat_images=stat_images, out=zs[i], stats=stats[i],
-            precision=precision,
+            in_bn=in_bn, pool_input=g.pool_input, stat_images=stat_images, out=zs[i],
+            stats=None if given is not None else stats[i], collect_stats=given is None, precision=precision,
         )
 
 
-def last_bn(geo, params, stats, stat_images) -> BNInput:
-    return BNInput(stats[3], params["bn3.weight"], params["bn3.bias"], stat_images * geo[3].ho * geo[3].wo)
+def bn_input(geo, params, stats, i: int, stat_images: int, given: bool = False) -> BNInput:
+    """Layer i's batch norm as the next kernel applies it: statistics over stat_images images (given: one row)."""
+    count = 1 if given else stat_images * geo[i].ho * geo[i].wo
+    return BNInput(stats[i], params[f"bn{i}.weight"], params[f"bn{i}.bias"], count)
+
+
+def last_bn(geo, params, stats, stat_images, given: bool = False) -> BNInput:
+    return bn_input(geo, params, stats, 3, stat_images, given)
 
 
 class AdaptProgram:
     """Buffers and launches of `steps` first-order SGD steps (+ optional predict) for T tasks at one shape.
 
     Set the inputs (`meta`, `lr`, `support_x`, `support_y`, `query_x`), call `launch()`, read `fast` (task-stacked
-    fast weights), `loss` / `accuracy` ([steps + 1, T] when track) and `logits` ([T, Q, ways] when queries).
-    policy: the BN policy of the predict pass ('support' or 'transductive'); ignored without queries.
+    fast weights), `loss` / `accuracy` ([steps + 1, T] when track), `logits` ([T, Q, ways] when queries) and
+    `moments` (float32 [2, 4, T, C]: each BN layer's support mean and biased variance under the adapted weights,
+    when support_stats; `stats` names them as models.functional.support_stats does).
+    policy: the BN policy of the predict pass ('support' or 'transductive'); ignored without queries. Under
+    'support' the query rows are independent of each other, so a caller may pad them (the padding is sliced off).
+    lr: a float, a 0-dim float32 device tensor (what a captured program holds: a new value needs no new graph) or
+    Meta-SGD rates {name: tensor shaped like one task's parameter}.
     """
 
     def __init__(self, spec: ModelSpec, tasks: int, support: int, queries: int, steps: int, track: bool,
-                 policy: str, precision: str, device: torch.device):
+                 policy: str, precision: str, device: torch.device, support_stats: bool = False):
         self.spec, self.tasks, self.support, self.queries = spec, tasks, support, queries
         self.steps, self.track, self.policy, self.precision = steps, track, policy, precision
+        self.support_stats = support_stats
         self.geo = geo = conv4_geometry(spec)
         self.pool = spec.arch == "conv4-miniimagenet"
         self.shots = max(1, support // spec.ways)
@@ -116,13 +135,25 @@ class AdaptProgram:
         numel = sum(math.prod(s) for s in shapes.values())
         self.param_blobs = [torch.zeros(tasks * numel, device=dev) for _ in range(2 if steps > 0 else 1)]
         self.param_sets = [self._views(blob, shapes) for blob in self.param_blobs]
-        self.predict_rows = (support + queries if policy == "support" else queries) if queries else 0
+        # 'support' with queries: one pass over the support rows and the query rows behind them (statistics of the
+        # support rows only) gives the query logits and the support statistics together.
+        self.support_pass = bool(queries) and spec.predict_needs_support_stats(policy)
+        self.predict_rows = (support + queries if self.support_pass else queries) if queries else 0
         if queries:
             self.zq = act(self.predict_rows)
             self.xcat = (torch.zeros(tasks, self.predict_rows, *spec.input_shape, device=dev)
-                         if policy == "support" else None)
+                         if self.support_pass else None)
             self.logits_all = torch.zeros(tasks, self.predict_rows, spec.ways, device=dev)
+        if support_stats:
+            self.moments = torch.zeros(2, 4, tasks, spec.hidden, device=dev)
+            self.moment_counts = torch.tensor([float(support * g.ho * g.wo) for g in geo], dtype=torch.float64,
+                                              device=dev)
         self.meta = self.lr = self.support_x = self.support_y = self.query_x = None
+
+    def split(self, blob: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views {name: [T, *shape]} of a flat parameter blob laid out as this program's (e.g. a clone of
+        final_blob)."""
+        return self._views(blob, param_shapes(self.spec))
 
     def _views(self, blob, shapes):
         views, off = {}, 0
@@ -144,7 +175,11 @@ class AdaptProgram:
     def logits(self) -> torch.Tensor | None:
         if not self.queries:
             return None
-        return self.logits_all[:, self.support:] if self.policy == "support" else self.logits_all
+        return self.logits_all[:, self.support:] if self.support_pass else self.logits_all
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor] | None:
+        return moments_dict(self.moments) if self.support_stats else None
 
     def launch(self):
         spec, geo, prec = self.spec, self.geo, self.precision
@@ -166,8 +201,7 @@ class AdaptProgram:
             )
             for i in range(3, -1, -1):
                 g = geo[i]
-                in_bn = None if i == 0 else BNInput(fwd[i - 1], cur[f"bn{i - 1}.weight"], cur[f"bn{i - 1}.bias"],
-                                                    self.support * geo[i - 1].ho * geo[i - 1].wo)
+                in_bn = None if i == 0 else bn_input(geo, cur, fwd, i - 1, self.support)
                 conv_bn_backward_sgd(
                     x if i == 0 else self.z[i - 1], self.dy[i], self.z[i], fwd[i], bwd[i], layer_params(cur, i),
                     layer_lr(self.lr, i), stride=g.stride, in_bn=in_bn, pool_input=g.pool_input,
@@ -179,18 +213,19 @@ class AdaptProgram:
         if self.steps == 0:
             for name, v in self.param_sets[0].items():
                 v.copy_(cur[name].expand_as(v))
-        support_pass = bool(self.queries) and self.policy == "support"
-        if self.track and not support_pass:  # the support loss after the last step needs its own forward
+        if not self.support_pass and (self.track or self.support_stats):
+            # The support loss after the last step, and / or the support statistics, need their own forward.
             fwd = self.fwd_stats[self.steps]
             forward_conv4(spec, geo, cur, x, self.z, fwd, self.support, prec)
-            head_step(
-                self.z[3], last_bn(geo, cur, fwd, self.support), cur["head.weight"], cur["head.bias"],
-                pool=self.pool, labels=y, shots=self.shots, write_logits=False, track=True, precision=prec,
-                out=HeadResult(loss=self.loss[self.steps], accuracy=self.accuracy[self.steps]),
-            )
+            if self.track:
+                head_step(
+                    self.z[3], last_bn(geo, cur, fwd, self.support), cur["head.weight"], cur["head.bias"],
+                    pool=self.pool, labels=y, shots=self.shots, write_logits=False, track=True, precision=prec,
+                    out=HeadResult(loss=self.loss[self.steps], accuracy=self.accuracy[self.steps]),
+                )
         if self.queries:
             fwd = self.fwd_stats[self.steps + 1]
-            if support_pass:  # query rows behind the support rows, normalized with the support statistics only
+            if self.support_pass:  # query rows behind the support rows, normalized with the support statistics only
                 self.xcat[:, : self.support].copy_(x)
                 self.xcat[:, self.support:].copy_(self.query_x)
                 xin, stat_images = self.xcat, self.support
@@ -199,44 +234,83 @@ class AdaptProgram:
             forward_conv4(spec, geo, cur, xin, self.zq, fwd, stat_images, prec)
             head_step(
                 self.zq[3], last_bn(geo, cur, fwd, stat_images), cur["head.weight"], cur["head.bias"],
-                pool=self.pool, labels=y if support_pass and self.track else None, shots=self.shots,
-                loss_images=self.support if support_pass else None, write_logits=True,
-                track=support_pass and self.track, precision=prec,
+                pool=self.pool, labels=y if self.support_pass and self.track else None, shots=self.shots,
+                loss_images=self.support if self.support_pass else None, write_logits=True,
+                track=self.support_pass and self.track, precision=prec,
                 out=HeadResult(logits=self.logits_all, loss=self.loss[self.steps],
                                accuracy=self.accuracy[self.steps]),
             )
+        if self.support_stats:
+            bn_moments(self.fwd_stats[self.steps + 1 if self.support_pass else self.steps], self.moment_counts,
+                       out=self.moments)
 
 
 def workspace_bytes_per_task(spec: ModelSpec, support: int, queries: int, steps: int, policy: str) -> int:
-    """Device memory one task of an AdaptProgram needs (activations dominate), to size task chunks."""
+    """Device memory one task of an AdaptProgram needs (activations dominate), to size task chunks. A predict from
+    stored statistics forwards the query rows alone: (spec, 0, queries, 0, policy)."""
     geo = conv4_geometry(spec)
     per_row = sum(g.ho * g.wo * g.cout for g in geo) * 4
-    rows = 2 * support + ((support + queries if policy == "support" else queries) if queries else 0)
+    predict_rows = ((support + queries if spec.predict_needs_support_stats(policy) else queries) if queries else 0)
+    rows = 2 * support + predict_rows
     stats = (2 * steps + 2) * 4 * 2 * spec.hidden * 8
     params = 2 * sum(math.prod(s) for s in param_shapes(spec).values()) * 4
     inputs = (support + queries) * math.prod(spec.input_shape) * 4 * 2
     return per_row * rows + stats + params + inputs
 
 
-def predict_conv4(spec: ModelSpec, fast: dict[str, torch.Tensor], query_x: torch.Tensor,
-                  support_x: torch.Tensor | None, policy: str, precision: str) -> torch.Tensor:
-    """Query logits [T, Q, ways] from task-stacked (or shared) parameters: 4 forward launches + 1 head launch."""
+def predict_conv4(spec: ModelSpec, fast: dict[str, torch.Tensor], query_x: torch.Tensor, precision: str,
+                  sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Query logits [T, Q, ways] from task-stacked (or shared) parameters: 4 forward launches + 1 head launch.
+
+    sums: fp64 [4, T, 2, C] statistics to normalize with (kernels.fused.stats.moment_sums of an adaptation's stored
+    support statistics: the query rows alone are forwarded); None: the query batch's own statistics."""
     geo = conv4_geometry(spec)
     tasks, queries = query_x.shape[:2]
-    if policy == "support":
-        if support_x is None:
-            raise ValueError(f"model {spec.name} uses bn_policy 'support': predict needs the support set")
-        xin, stat_images = torch.cat([support_x, query_x], dim=1), support_x.shape[1]
+    zs = [torch.empty(tasks, queries, g.ho, g.wo, g.cout, device=query_x.device) for g in geo]
+    if sums is None:
+        stats = torch.zeros(4, tasks, 2, spec.hidden, device=query_x.device, dtype=torch.float64)
     else:
-        xin, stat_images = query_x, queries
-    rows = xin.shape[1]
-    zs = [torch.empty(tasks, rows, g.ho, g.wo, g.cout, device=query_x.device) for g in geo]
-    stats = torch.zeros(4, tasks, 2, spec.hidden, device=query_x.device, dtype=torch.float64)
-    forward_conv4(spec, geo, fast, xin, zs, stats, stat_images, precision)
-    out = head_step(zs[3], last_bn(geo, fast, stats, stat_images), fast["head.weight"], fast["head.bias"],
-                    pool=spec.arch == "conv4-miniimagenet", precision=precision)
-    return out.logits[:, rows - queries:]
+        stats = check_tensor(sums, "sums", (4, tasks, 2, spec.hidden), dtype=torch.float64, device=query_x.device)
+    forward_conv4(spec, geo, fast, query_x, zs, stats, queries, precision, given=stats if sums is not None else None)
+    out = head_step(zs[3], last_bn(geo, fast, stats, queries, given=sums is not None), fast["head.weight"],
+                    fast["head.bias"], pool=spec.arch == "conv4-miniimagenet", precision=precision)
+    return out.logits
 
 
-__all__ = ["AdaptProgram", "TRITON_ARCHS", "conv4_geometry", "head_features", "predict_conv4",
-           "workspace_bytes_per_task"]
+GRID_LIMIT = 65535  # CUDA's cap on grid axes 1 and 2 (kernels.fused.common.check_grid_dim)
+
+
+def _rows_fit(spec: ModelSpec, geo, rows: int, device: torch.device) -> bool:
+    """Whether every launch of an AdaptProgram / predict over `rows` images of one task stays within the grid limit
+    (with one task: the block heuristics shrink tiles, so grids grow, when there are few tasks)."""
+    for i, g in enumerate(geo):
+        if fwd_programs(rows * g.ho * g.wo, g.cin, g.cout, 1, device) > GRID_LIMIT:
+            return False
+        lay = bwd_layout(rows, g.h_in, g.w_in, g.ho, g.wo, g.cin, g.cout, g.stride, i == 0, 1, device,
+                         input_grad=i > 0)
+        if lay.programs > GRID_LIMIT:
+            return False
+    feats = head_features(geo[3].cout, geo[3].ho, geo[3].wo, spec.arch == "conv4-miniimagenet")
+    return head_programs(rows, feats, False) <= GRID_LIMIT
+
+
+@functools.cache
+def max_rows_per_task(spec: ModelSpec, device: torch.device) -> int:
+    """The most images one task may forward in one batch (support rows of adapt; support + query rows of
+    adapt + predict under 'support'; query rows of a predict) without a launch past CUDA's grid limit, computed
+    from the launchers' own block choices. (A training step also holds a task's support rows in one head program:
+    at most MAX_TRAIN_ROWS.)"""
+    geo = conv4_geometry(spec)
+    lo, hi = 0, 1
+    while _rows_fit(spec, geo, hi, device):
+        lo, hi = hi, hi * 2
+        if hi > 1 << 30:
+            return lo
+    while hi - lo > 1:  # the grids grow with the rows: bisect for the last size that fits
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _rows_fit(spec, geo, mid, device) else (lo, mid)
+    return lo
+
+
+__all__ = ["AdaptProgram", "MAX_TRAIN_ROWS", "TRITON_ARCHS", "conv4_geometry", "head_features", "max_rows_per_task",
+           "predict_conv4", "workspace_bytes_per_task"]

@@ -18,7 +18,7 @@ from kernels.engine.chunking import (
 from kernels.engine.graph import GraphBackend
 from models.checkpoint import MetaModel
 from models.functional import init_params
-from models.maml import AdaptResult
+from models.maml import AdaptResult, adaptation_stats
 from models.maml import adapt as reference_adapt
 from models.maml import predict as reference_predict
 from models.spec import ModelSpec
@@ -31,22 +31,21 @@ TINY_MINI = ModelSpec("tiny-mini", "conv4-miniimagenet", ways=3, inner_lr=0.05, 
 
 
 def test_the_issue_batches_are_cut_below_the_32_bit_index_limit_and_the_memory_budget():
-    # 1,024 tasks of 20-way 1-shot, predicted with 15 queries per class (support BN: 320 rows a task)
-    largest = largest_tensor_elements(OMNIGLOT_20W, 20, 300, "support")
-    assert largest == 320 * 64 * 14 * 14  # the first block's output, one task
+    # 1,024 tasks of 20-way 1-shot, predicted with 15 queries per class (300 rows a task)
+    largest = largest_tensor_elements(OMNIGLOT_20W, 20, 300)
+    assert largest == 300 * 64 * 14 * 14  # the first block's output, one task (predict: the query rows alone)
     assert 1024 * largest > INDEX_LIMIT  # what grouped convolution cannot index in one call
-    chunk = task_chunk(OMNIGLOT_20W, 20, 300, "support", budget_bytes=1 << 60)
+    chunk = task_chunk(OMNIGLOT_20W, 20, 300, budget_bytes=1 << 60)
     assert chunk * largest <= INDEX_LIMIT < (chunk + 1) * largest
     # 1,024 tasks of mini-ImageNet 5-way 1-shot with 75 queries on a 141 GB card (a quarter of it as budget)
     budget = 141 * 10**9 // 4
-    chunk = task_chunk(MINI_5W, 5, 75, "support", budget)
-    assert chunk < 1024 and chunk * task_bytes(MINI_5W, 5, 75, "support") <= budget
-    assert task_bytes(MINI_5W, 5, 75, "support") > 75 * 84 * 84 * 32 * 4  # at least one query activation
+    chunk = task_chunk(MINI_5W, 5, 75, budget)
+    assert chunk < 1024 and chunk * task_bytes(MINI_5W, 5, 75) <= budget
+    assert task_bytes(MINI_5W, 5, 75) > 75 * 84 * 84 * 32 * 4  # at least one query activation
     # adapt alone touches only the support rows: far larger chunks
-    assert task_chunk(OMNIGLOT_20W, 20, 0, "support", 1 << 60) > 8 * task_chunk(OMNIGLOT_20W, 20, 300, "support",
-                                                                                   1 << 60)
-    assert task_chunk(TINY, 3, 4, "support", budget_bytes=1) == 1  # never zero
-    assert task_chunk(ModelSpec("sin", "mlp-sinusoid", ways=1, inner_lr=0.01, steps=1), 10, 10, "support", 1) > 1e6
+    assert task_chunk(OMNIGLOT_20W, 20, 0, 1 << 60) > 8 * task_chunk(OMNIGLOT_20W, 20, 300, 1 << 60)
+    assert task_chunk(TINY, 3, 4, budget_bytes=1) == 1  # never zero
+    assert task_chunk(ModelSpec("sin", "mlp-sinusoid", ways=1, inner_lr=0.01, steps=1), 10, 10, 1) > 1e6
 
 
 def test_budget_comes_from_the_environment_first(monkeypatch):
@@ -79,8 +78,8 @@ def _tasks(spec, tasks, queries, seed):
     return sx, sy, torch.rand(tasks, queries, *spec.input_shape, generator=g)
 
 
-def _budget_for(spec, tasks_per_call, support, queries, policy):
-    return tasks_per_call * max(task_bytes(spec, support, 0, policy), task_bytes(spec, support, queries, policy))
+def _budget_for(spec, tasks_per_call, support, queries):
+    return tasks_per_call * max(task_bytes(spec, support, 0), task_bytes(spec, support, queries))
 
 
 @pytest.mark.parametrize("spec", [TINY, TINY.with_(bn_policy="transductive"), TINY_MINI], ids=lambda s: s.name +
@@ -94,10 +93,11 @@ def test_chunked_reference_and_graph_backends_equal_one_call(spec, meta_sgd):
     want = reference_adapt(spec, model.params, sx, sy, 2, lr, track=True)
     with torch.no_grad():
         want_logits = reference_predict(spec, want.params, qx, sx)
-    budget = _budget_for(spec, 2, spec.ways, 4, spec.bn_policy)  # 5 tasks -> calls of 2, 2 and 1
-    assert task_chunk(spec, spec.ways, 4, spec.bn_policy, budget) == 2
+        want_stats = adaptation_stats(spec, want.params, sx)
+    budget = _budget_for(spec, 2, spec.ways, 4)  # 5 tasks -> calls of 2, 2 and 1
+    assert task_chunk(spec, spec.ways, 4, budget) == 2
     reference = ReferenceBackend(budget_bytes=budget)
-    graph = GraphBackend("cpu", capture=False, budget_bytes=budget)
+    graph = GraphBackend("cpu", capture=False, capture_after=1, budget_bytes=budget)
     for name, res, logits in [
         ("reference", reference.adapt(model, sx, sy, 2, lr, True), None),
         ("graph", *graph.adapt_predict(model, sx, sy, qx, 2, lr, True)),
@@ -107,10 +107,13 @@ def test_chunked_reference_and_graph_backends_equal_one_call(spec, meta_sgd):
         assert res.support_loss.shape == (3, 5), name
         torch.testing.assert_close(res.support_loss, want.support_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(res.support_accuracy, want.support_accuracy)
-        logits = reference.predict(model, res.params, qx, sx) if logits is None else logits
+        for k, v in (want_stats or {}).items():
+            torch.testing.assert_close(res.stats[k], v, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, k=k, name=name: f"{name} {k}: {m}")
+        logits = reference.predict(model, res.params, qx, res.stats) if logits is None else logits
         torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5, msg=name)
     assert graph.captures == 2  # one bucket for the 2-task chunks, one for the last task
-    torch.testing.assert_close(graph.predict(model, want.params, qx, sx), want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graph.predict(model, want.params, qx, want_stats), want_logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -126,7 +129,7 @@ def test_gpu_reference_backend_takes_1024_tasks_of_20_way_with_300_queries():
     backend = ReferenceBackend(dev)
     with exact_torch():  # no TF32 in cuDNN: both sides compute in fp32
         res = backend.adapt(model, sx, sy, 5, 0.1, True)
-        logits = backend.predict(model, res.params, qx, sx)
+        logits = backend.predict(model, res.params, qx, res.stats)
         assert logits.shape == (1024, 300, 20) and torch.isfinite(logits).all()
         for t in (0, 533, 534, 1023):  # both sides of the chunk boundary
             alone = reference_adapt(OMNIGLOT_20W, model.params, sx[t:t + 1], sy[t:t + 1], 5, 0.1)
@@ -139,16 +142,17 @@ def test_mismatched_task_counts_are_refused_before_any_slicing():
     """A slice would silently drop the extra tasks of a longer tensor: each backend names the mismatch first."""
     model = MetaModel(TINY, init_params(TINY, torch.Generator().manual_seed(0)))
     sx, sy, qx = _tasks(TINY, 3, 4, seed=1)
-    budget = _budget_for(TINY, 1, TINY.ways, 4, TINY.bn_policy)  # one task per call: every call would slice
+    budget = _budget_for(TINY, 1, TINY.ways, 4)  # one task per call: every call would slice
     reference = ReferenceBackend(budget_bytes=budget)
     graph = GraphBackend("cpu", capture=False, budget_bytes=budget)
     for backend in (reference, graph):
-        with pytest.raises(ValueError, match=r"support_y has shape \[4, 3\]: 4 tasks, expected 3 \(as support_x\)"):
+        with pytest.raises(ValueError, match=r"support_y has shape \[4, 3\], expected \[3, 3\] for model tiny"):
             backend.adapt(model, sx, torch.cat([sy, sy[:1]]), 1, 0.3, False)
-    fast = reference.adapt(model, sx, sy, 1, 0.3, False).params
-    with pytest.raises(ValueError, match=r"fast\['conv0.weight'\] has shape \[2, 4, 1, 3, 3\]: 2 tasks, expected 3"):
-        reference.predict(model, {**fast, "conv0.weight": fast["conv0.weight"][:2]}, qx, sx)
-    with pytest.raises(ValueError, match=r"support_x has shape \[2, 3, 1, 28, 28\]: 2 tasks, expected 3"):
-        graph.predict(model, fast, qx, sx[:2])
+    adapted = reference.adapt(model, sx, sy, 1, 0.3, False)
+    fast, stats = adapted.params, adapted.stats
+    with pytest.raises(ValueError, match=r"fast\['conv0.weight'\] has shape \[2, 4, 1, 3, 3\], expected \[3, 4, "):
+        reference.predict(model, {**fast, "conv0.weight": fast["conv0.weight"][:2]}, qx, stats)
+    with pytest.raises(ValueError, match=r"stats\['bn0.mean'\] has shape \[2, 4\], expected \[3, 4\]"):
+        graph.predict(model, fast, qx, {k: v[:2] for k, v in stats.items()})
     with pytest.raises(ValueError, match=r"query_x has shape \[2, 4, 1, 28, 28\], expected \[3, "):
         graph.adapt_predict(model, sx, sy, qx[:2], 1, 0.3)

@@ -161,6 +161,30 @@ def test_backward_launcher_rejects_bad_input(mutate, error, words):
         assert word in str(info.value)
 
 
+def test_a_device_scalar_lr_gives_the_float_lr_update():
+    """LR_MODE 2: the rate read from a 0-dim device tensor (what a captured program holds) equals the float rate."""
+    case = conv_block_case(2, 2, 16, 16, 6, 2, 1, device=DEV)
+    args = (case.x, case.dy, case.z, case.stats, case.bsum, case.params)
+    by_float, dy_float, _ = conv_bn_backward_sgd(*args, 0.3, stride=2, in_bn=case.in_bn)
+    by_tensor, dy_tensor, _ = conv_bn_backward_sgd(*args, torch.tensor(0.3, device=DEV), stride=2, in_bn=case.in_bn)
+    for k in by_float:
+        torch.testing.assert_close(by_tensor[k], by_float[k], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(dy_tensor, dy_float, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"lr has shape \[1\], expected \[\]"):
+        conv_bn_backward_sgd(*args, torch.tensor([0.3], device=DEV), stride=2, in_bn=case.in_bn)
+
+
+def test_forward_without_statistics_writes_the_same_outputs():
+    """collect_stats=False (a predict normalizing with stored statistics): same z, no statistics touched."""
+    case = conv_block_case(2, 3, 16, 16, 5, 1, 1, device=DEV)
+    z, stats = conv_bn_forward(case.x, case.params["weight"], case.params["bias"], stride=1, in_bn=case.in_bn)
+    out = torch.full_like(z, float("nan"))
+    z2, none = conv_bn_forward(case.x, case.params["weight"], case.params["bias"], stride=1, in_bn=case.in_bn,
+                               out=out, collect_stats=False)
+    assert none is None and z2 is out
+    torch.testing.assert_close(z2, z, rtol=0, atol=0)
+
+
 def test_forward_statistics_accumulate_into_the_given_buffer():
     """Statistics are atomically added (the step program zeroes them once): a second launch doubles them."""
     case = conv_block_case(2, 2, 1, 16, 7, 2, 0, device=DEV)

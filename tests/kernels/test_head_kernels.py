@@ -120,3 +120,14 @@ def test_launcher_rejects_bad_input(mutate, error, words):
         head_step(**args)
     for word in words:
         assert word in str(info.value)
+
+
+def test_a_device_scalar_lr_gives_the_float_lr_update():
+    """LR_MODE 2: the rate read from a 0-dim device tensor (what a captured program holds) equals the float rate."""
+    case = head_case(2, 6, 16, 2, 3, False, 2, device=DEV)
+    run = lambda lr: head_step(case.z, case.bn, case.weight, case.bias, pool=False, labels=case.labels,  # noqa: E731
+                               shots=2, train=True, lr=lr)
+    by_float, by_tensor = run(0.4), run(torch.tensor(0.4, device=DEV))
+    for k in ("weight", "bias"):
+        torch.testing.assert_close(by_tensor.params[k], by_float.params[k], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(by_tensor.dy, by_float.dy, rtol=0, atol=0)

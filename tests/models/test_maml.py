@@ -113,7 +113,7 @@ def test_predict_support_policy_needs_support_set():
     meta = init_params(spec)
     x, y = tasks_for(spec, tasks=1, shots=1)
     fast = adapt(spec, meta, x, y, steps=1, lr=0.1).params
-    with pytest.raises(ValueError, match="needs the support set"):
+    with pytest.raises(ValueError, match="needs the support statistics"):
         predict(spec, fast, x)
 
 

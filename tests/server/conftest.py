@@ -116,3 +116,17 @@ def random_task(spec: ModelSpec, shots: int = 1, queries: int = 3, seed: int = 0
         query = rng.random((queries, *shape), dtype=np.float32).astype(dtype)
     labels = rng.permutation(np.arange(n) % spec.ways)
     return support, labels, query
+
+
+@pytest.fixture
+def redis_server():
+    """A real, empty redis-server on a free loopback port (no persistence), killed after the test. Missing
+    redis-server fails the test saying how to install it: the shared-store tests never pass vacuously."""
+    from server.cluster import ComponentMissing, RedisProcess
+
+    try:
+        process = RedisProcess()
+    except ComponentMissing as exc:
+        pytest.fail(str(exc))
+    with process:
+        yield process

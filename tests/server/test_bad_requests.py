@@ -66,12 +66,20 @@ ADAPT_CASES = [
     ("Inf", good_adapt(support_x=float_support(np.inf)), INVALID, ["support_x holds 1 non-finite", "inf"]),
     ("too many steps", good_adapt(steps=101), INVALID, ["steps = 101, expected 0 (the model's default, 2) to 100"]),
     ("negative steps", good_adapt(steps=-1), INVALID, ["steps = -1"]),
-    ("negative lr", good_adapt(inner_lr=-0.1), INVALID, ["inner_lr = -0.1, expected a positive finite number"]),
+    ("negative lr", good_adapt(inner_lr=-0.1), INVALID, ["inner_lr = -0.1, expected a positive finite float32"]),
     ("NaN lr", good_adapt(inner_lr=float("nan")), INVALID, ["inner_lr = nan"]),
     ("Inf lr", good_adapt(inner_lr=float("inf")), INVALID, ["inner_lr = inf"]),
     ("too many support rows", good_adapt(support_x=encode(np.zeros((1001, 1, 28, 28), np.uint8)),
                                          support_y=[i % 5 for i in range(1001)]),
      INVALID, ["support_x has 1001 rows (N*K), expected 1 to 1000"]),
+    ("lr beyond float32", good_adapt(inner_lr=1e39), INVALID, ["inner_lr = 1e+39, expected a positive finite float32"]),
+    ("rank 70", good_adapt(support_x=pb.Tensor(dtype=pb.UINT8, shape=[1] * 70, data=b"\0")), INVALID,
+     ["support_x.shape has 70 dimensions, expected 1 to 8"]),
+    ("cost cap", good_adapt(support_x=encode(np.zeros((300, 1, 28, 28), np.uint8)),
+                            support_y=[i % 5 for i in range(300)], steps=100),
+     INVALID, ["steps = 100 on 300 support rows costs 30000 row-steps, expected at most 25000 (--max-support-steps)"]),
+    ("megabyte model name", good_adapt(model="m" * 1_000_000), INVALID,
+     ["model 'mmmm", "(1000000 characters) is longer than 128 characters"]),
 ]
 
 
@@ -112,6 +120,23 @@ def test_bad_predict_and_combined_requests(client):
             method(request, timeout=30)
         assert err.value.code() == code, (fragment, err.value.details())
         assert fragment in err.value.details()
+
+
+def test_hostile_strings_get_short_answers(client):
+    """Whatever a client sends, a status message stays under 1 KiB (gRPC's metadata limit is 8 KiB)."""
+    sx, sy, qx = random_task(SPEC)
+    huge = "ad-" + "\u00e9" * 500_000
+    for method, request in [
+        (client.stub.Predict, pb.PredictRequest(adaptation_id=huge, query_x=encode(qx))),
+        (client.stub.Release, pb.ReleaseRequest(adaptation_id=huge)),
+        (client.stub.GetModel, pb.GetModelRequest(model=huge)),
+        (client.stub.Adapt, good_adapt(model=huge)),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            method(request, timeout=30)
+        assert err.value.code() == INVALID, err.value.details()
+        assert "characters) is longer than" in err.value.details()
+        assert len(err.value.details().encode()) < 1024
 
 
 def test_oversized_requests(server):
@@ -188,3 +213,22 @@ def test_an_engine_failure_is_internal_named_and_does_not_kill_the_server(server
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert err.value.details() == "internal error in Adapt: RuntimeError: device lost"
     assert client.adapt_and_predict("tiny-5w", sx, sy, qx)[1].logits.shape == (3, 5)
+
+
+def test_a_request_over_the_kernels_row_limit_is_refused_in_validation(make_server):
+    """The engine reports how many rows per task its kernels take (the CUDA grid limit on a GPU); a request over it
+    is INVALID_ARGUMENT naming the fields and the limit, before it reaches the engine."""
+    server = make_server()
+    server.engine.max_rows = lambda spec: 12  # what the Triton backend would report for a much larger model
+    calls = []
+    real = server.engine.adapt_predict
+    server.engine.adapt_predict = lambda *a, **k: calls.append(1) or real(*a, **k)
+    sx, sy, _ = random_task(SPEC, shots=2)  # 10 support rows
+    with FastAdaptClient(server.address, timeout=30) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.adapt_and_predict("tiny-5w", sx, sy, np.zeros((3, 1, 28, 28), np.uint8))
+        assert err.value.code() == INVALID
+        assert "adapt.support_x (10 rows) + query_x (3 rows) = 13 rows per task, more than the 12" in err.value.details()
+        assert not calls
+        client.adapt_and_predict("tiny-5w", sx, sy, np.zeros((2, 1, 28, 28), np.uint8))  # 12 rows: served
+    assert calls == [1]

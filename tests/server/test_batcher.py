@@ -146,3 +146,37 @@ def test_exclusive_work_runs_on_the_worker_between_batches_and_close_refuses_new
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DynamicBatcher(Recorder(), **kwargs)
+
+
+def test_exclusive_jobs_take_queue_slots_and_alternate_with_batches():
+    """A stream of exclusive jobs (exports) cannot starve batches: after each exclusive job a due batch goes."""
+
+    async def main():
+        order: list[str] = []
+        rec = Recorder(delay_s=0.02)
+
+        def export(i):
+            order.append(f"export{i}")
+            time.sleep(0.02)
+            return i
+
+        def batch(key, items):
+            order.append(f"batch{items}")
+            return rec(key, items)
+
+        b = DynamicBatcher(batch, max_wait_s=0.0, wait_policy="fixed", max_queue=5)
+        first = asyncio.ensure_future(b.run_exclusive(export, 0))  # occupies the worker
+        await asyncio.sleep(0.005)
+        exports = [asyncio.ensure_future(b.run_exclusive(export, i)) for i in (1, 2, 3)]
+        batches = [asyncio.ensure_future(b.submit(f"k{i}", i)) for i in (1, 2)]
+        await asyncio.sleep(0.005)
+        queued = b.queued
+        with pytest.raises(ResourceExhausted, match="limit is 5"):
+            await b.submit("k9", 9)  # the three waiting exports count: the queue is full
+        await asyncio.gather(first, *exports, *batches)
+        await b.close()
+        return order, queued
+
+    order, queued = run(main())
+    assert queued == 5  # three exports and two batch items hold queue slots
+    assert order == ["export0", "batch[1]", "export1", "batch[2]", "export2", "export3"]

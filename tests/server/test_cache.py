@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.cache import Adaptation, AdaptationCache
-from server.status import NotFound, ResourceExhausted
+from server.status import InvalidArgument, NotFound, ResourceExhausted
 
 
 class Clock:
@@ -65,6 +65,16 @@ def test_entry_larger_than_the_cache_is_refused():
         cache.put(entry(400))
 
 
-def test_bytes_count_weights_and_support_set():
-    e = Adaptation("m", {"w": torch.zeros(10), "b": torch.zeros(2, 3)}, torch.zeros(5, 1, 2, 2), 1, 0.1)
-    assert e.nbytes == (10 + 6 + 20) * 4
+def test_bytes_count_weights_and_support_statistics():
+    stats = {"bn0.mean": torch.zeros(8), "bn0.var": torch.zeros(8)}
+    e = Adaptation("m", {"w": torch.zeros(10), "b": torch.zeros(2, 3)}, stats, 1, 0.1)
+    assert e.nbytes == (10 + 6 + 16) * 4
+
+
+def test_overlong_ids_are_refused_and_echoed_as_a_short_prefix():
+    cache = AdaptationCache(max_bytes=1000, ttl_s=10)
+    huge = "ad-" + "x" * 1_000_000
+    for call in (cache.get, cache.release):
+        with pytest.raises(InvalidArgument) as info:
+            call(huge)
+        assert "longer than 27 characters" in info.value.message and len(info.value.message) < 300

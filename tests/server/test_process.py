@@ -9,10 +9,13 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 
 from server.client import FastAdaptClient, adapt_and_predict_request
 from server.launch import REPO_ROOT, ServerProcess
 from tests.server.conftest import TINY_SPECS, random_task
+
+pytestmark = pytest.mark.slow  # real server processes: 8-33 s per test on the 2-core box (`make test-fast` skips)
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_zero(tiny_model_dir, tmp_path):

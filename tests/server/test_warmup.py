@@ -38,15 +38,41 @@ def test_warmup_runs_every_model_at_every_task_count_before_serving(make_server,
     assert len(running.cache) == 0  # warm-up tasks are not adaptations anyone can fetch
 
 
-def test_warmup_does_not_change_what_clients_get(make_server):
+@pytest.fixture
+def graph_engines(monkeypatch):
+    """Servers built in this test run the `graph` backend's static-buffer path on the CPU (GraphBackend with
+    capture=False: the same buckets, static inputs and outputs as under CUDA graphs, recomputed instead of
+    replayed): a backend that keeps state between calls, which the stateless reference backend does not."""
+    from kernels.engine.graph import GraphBackend
+
+    built = []
+
+    def engine(backend, device, precision=None):
+        made = Engine("reference", "cpu")
+        made.backend, made.backend_name = GraphBackend("cpu", capture=False), "graph"
+        built.append(made.backend)
+        return made
+
+    monkeypatch.setattr("server.app.Engine", engine)
+    return built
+
+
+def test_warmup_does_not_change_what_clients_get(make_server, graph_engines):
+    """Warm-up fills the very bucket the client's request then uses (same shape: N x 1 support, 5 queries, default
+    steps) with other inputs; the client must get exactly what it gets from a server that never warmed up."""
     spec = TINY_SPECS["tiny-5w"]
     support, labels, query = random_task(spec, queries=5, seed=4)
     results = []
     for warmup in ("none", "1,2"):
         running = make_server(warmup=warmup, warmup_queries=1)
+        backend = graph_engines[-1]
         assert bool(running.warmup) == (warmup != "none")
+        buckets = backend.captures
+        assert buckets == 2 * len(running.warmup)  # warm-up left state behind: a bucket per model and task count
         with FastAdaptClient(running.address, timeout=30) as client:
             adapted, prediction = client.adapt_and_predict("tiny-5w", support, labels, query, keep=False)
+        if warmup != "none":
+            assert backend.captures == buckets, "the request did not reuse the warmed bucket: nothing was tested"
         results.append((np.asarray(adapted.support_loss), prediction.logits))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])

@@ -240,3 +240,35 @@ def test_split_errors(omniglot):
         omniglot_split(omniglot, "paper", val_classes=-1)
     with pytest.raises(ValueError, match="resample='bicubic'"):
         load_omniglot(resample="bicubic")
+
+
+def test_fetch_is_a_no_op_where_the_data_is_and_downloads_once_where_it_is_not(tmp_path, monkeypatch, capsys):
+    """`make data`: never downloads here (the download is stubbed; test_download_checks_the_md5 covers the real one)."""
+    from trainer.data import fetch
+
+    fetched = []
+
+    def fake_download(dest):
+        fetched.append(Path(dest))
+        zip_folder(write_fake_omniglot(tmp_path / "src", characters=1, drawings=2), Path(dest))
+        return Path(dest)
+
+    monkeypatch.setattr(fetch, "download_omniglot", fake_download)
+    present = write_fake_omniglot(tmp_path / "present", characters=1, drawings=2)
+    assert fetch.main([str(present)]) == 0 and fetched == []
+    assert "nothing to fetch" in capsys.readouterr().out
+    monkeypatch.setenv("FASTADAPT_OMNIGLOT", str(tmp_path / "empty"))
+    assert fetch.main([]) == 0 and fetched == [tmp_path / "empty"]
+    assert fetch.main([]) == 0 and len(fetched) == 1  # the second time it is there
+
+
+def test_fetch_failure_says_what_to_do(tmp_path, monkeypatch, capsys):
+    from trainer.data import fetch
+
+    def offline(dest):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(fetch, "download_omniglot", offline)
+    assert fetch.main([str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "name resolution" in err and "images_evaluation.zip" in err and "$FASTADAPT_OMNIGLOT" in err

@@ -102,6 +102,7 @@ def _rank_worker(rank, world, port, out_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two torch.distributed processes: ~23 s on the 2-core box
 def test_two_gloo_ranks_make_the_single_process_update(tmp_path):
     out = tmp_path / "ranked.pt"
     mp.spawn(_rank_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
@@ -134,6 +135,21 @@ def test_config_overrides_and_errors(capsys):
     with pytest.raises(SystemExit):
         config_from_args(["omniglot-5w1s", "--meta-batch", "many"])
     assert "--meta-batch" in capsys.readouterr().err
+
+
+def test_help_lists_every_config_key_with_its_default(capsys):
+    import dataclasses
+
+    from trainer.config import TrainConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        config_from_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "extra":
+            assert f"--{f.name} {f.type} (default {getattr(defaults, f.name)!r})" in text, f.name
 
 
 def test_throughput_peer_makes_the_same_update_as_the_batched_learner(tmp_path):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import pytest
 import torch
 
 from models.checkpoint import load_checkpoint
@@ -20,6 +21,7 @@ def _cfg(tmp_path, **kw):
     return dataclasses.replace(CONFIGS["omniglot-5w1s"], **base)
 
 
+@pytest.mark.slow  # meta-trains on real Omniglot: ~13 s on the 2-core box
 def test_a_few_meta_iterations_beat_the_untrained_initialization(tmp_path):
     cfg = _cfg(tmp_path, iterations=40, meta_batch=16, hidden=32, eval_tasks=100, eval_steps=1, meta_lr=3e-3)
     trainer = Trainer(cfg)

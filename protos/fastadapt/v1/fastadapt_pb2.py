@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x61stadapt/v1/fastadapt.proto\x12\x0c\x66\x61stadapt.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.fastadapt.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"h\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x64\x61pt_ms\x18\x02 \x01(\x01\x12\x12\n\npredict_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x62\x61tch_tasks\x18\x05 \x01(\x05\"z\n\x0c\x41\x64\x61ptRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\tsupport_x\x18\x02 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12\x11\n\tsupport_y\x18\x03 \x03(\x05\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x10\n\x08inner_lr\x18\x05 \x01(\x01\"\xc8\x01\n\rAdaptResponse\x12\x15\n\radaptation_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x10\n\x08inner_lr\x18\x04 \x01(\x01\x12\x14\n\x0csupport_loss\x18\x05 \x03(\x02\x12\x18\n\x10support_accuracy\x18\x06 \x03(\x02\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.fastadapt.v1.Timings\x12\x18\n\x10\x61\x64\x61ptation_bytes\x18\x08 \x01(\x03\"N\n\x0ePredictRequest\x12\x15\n\radaptation_id\x18\x01 \x01(\t\x12%\n\x07query_x\x18\x02 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\"\x9c\x01\n\x0fPredictResponse\x12$\n\x06logits\x18\x01 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12\x0e\n\x06labels\x18\x02 \x03(\x05\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.fastadapt.v1.Timings\x12+\n\rprobabilities\x18\x04 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\"~\n\x16\x41\x64\x61ptAndPredictRequest\x12)\n\x05\x61\x64\x61pt\x18\x01 \x01(\x0b\x32\x1a.fastadapt.v1.AdaptRequest\x12%\n\x07query_x\x18\x02 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12\x12\n\nskip_cache\x18\x03 \x01(\x08\"u\n\x17\x41\x64\x61ptAndPredictResponse\x12*\n\x05\x61\x64\x61pt\x18\x01 \x01(\x0b\x32\x1b.fastadapt.v1.AdaptResponse\x12.\n\x07predict\x18\x02 \x01(\x0b\x32\x1d.fastadapt.v1.PredictResponse\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.fastadapt.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\":\n\x10GetModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.fastadapt.v1.ModelInfo\"\xf1\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0c\n\x04ways\x18\x03 \x01(\x05\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12(\n\x0binput_dtype\x18\x05 \x01(\x0e\x32\x13.fastadapt.v1.DType\x12,\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x06 \x03(\x0e\x32\x13.fastadapt.v1.DType\x12\x15\n\rdefault_steps\x18\x07 \x01(\x05\x12\x18\n\x10\x64\x65\x66\x61ult_inner_lr\x18\x08 \x01(\x01\x12\x18\n\x10learned_inner_lr\x18\t \x01(\x08\x12\x11\n\tbn_policy\x18\n \x01(\t\x12\x15\n\rpreprocessing\x18\x0b \x01(\t\x12;\n\nprovenance\x18\x0c \x03(\x0b\x32\'.fastadapt.v1.ModelInfo.ProvenanceEntry\x12\x17\n\x0fprovenance_json\x18\r \x01(\t\x12\x12\n\nnum_params\x18\x0e \x01(\x03\x12\x11\n\tmax_steps\x18\x0f \x01(\x05\x12\x13\n\x0bmax_support\x18\x10 \x01(\x05\x12\x13\n\x0bmax_queries\x18\x11 \x01(\x05\x1a\x31\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x14\x45xportAdaptedRequest\x12\x15\n\radaptation_id\x18\x01 \x01(\t\"k\n\x15\x45xportAdaptedResponse\x12\x12\n\nonnx_model\x18\x01 \x01(\x0c\x12\x12\n\ninput_name\x18\x02 \x01(\t\x12\x13\n\x0boutput_name\x18\x03 \x01(\t\x12\x15\n\rpreprocessing\x18\x04 \x01(\t\"\'\n\x0eReleaseRequest\x12\x15\n\radaptation_id\x18\x01 \x01(\t\"&\n\x0fReleaseResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03*C\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x32\xb3\x04\n\tFastAdapt\x12@\n\x05\x41\x64\x61pt\x12\x1a.fastadapt.v1.AdaptRequest\x1a\x1b.fastadapt.v1.AdaptResponse\x12\x46\n\x07Predict\x12\x1c.fastadapt.v1.PredictRequest\x1a\x1d.fastadapt.v1.PredictResponse\x12^\n\x0f\x41\x64\x61ptAndPredict\x12$.fastadapt.v1.AdaptAndPredictRequest\x1a%.fastadapt.v1.AdaptAndPredictResponse\x12O\n\nListModels\x12\x1f.fastadapt.v1.ListModelsRequest\x1a .fastadapt.v1.ListModelsResponse\x12I\n\x08GetModel\x12\x1d.fastadapt.v1.GetModelRequest\x1a\x1e.fastadapt.v1.GetModelResponse\x12X\n\rExportAdapted\x12\".fastadapt.v1.ExportAdaptedRequest\x1a#.fastadapt.v1.ExportAdaptedResponse\x12\x46\n\x07Release\x12\x1c.fastadapt.v1.ReleaseRequest\x1a\x1d.fastadapt.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x61stadapt/v1/fastadapt.proto\x12\x0c\x66\x61stadapt.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.fastadapt.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"h\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x64\x61pt_ms\x18\x02 \x01(\x01\x12\x12\n\npredict_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x62\x61tch_tasks\x18\x05 \x01(\x05\"\x99\x01\n\x0cTrajectories\x12*\n\x0cobservations\x18\x01 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12%\n\x07\x61\x63tions\x18\x02 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12%\n\x07rewards\x18\x03 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12\x0f\n\x07lengths\x18\x04 \x03(\x05\"\xf7\x01\n\x0c\x41\x64\x61ptRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\tsupport_x\x18\x02 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12\x11\n\tsupport_y\x18\x03 \x03(\x05\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x10\n\x08inner_lr\x18\x05 \x01(\x01\x12\x30\n\x0ctrajectories\x18\x06 \x01(\x0b\x32\x1a.fastadapt.v1.Trajectories\x12\x1a\n\x12\x66rom_adaptation_id\x18\x07 \x01(\t\x12-\n\x0fsupport_targets\x18\x08 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\"\xef\x01\n\rAdaptResponse\x12\x15\n\radaptation_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x10\n\x08inner_lr\x18\x04 \x01(\x01\x12\x14\n\x0csupport_loss\x18\x05 \x03(\x02\x12\x18\n\x10support_accuracy\x18\x06 \x03(\x02\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.fastadapt.v1.Timings\x12\x18\n\x10\x61\x64\x61ptation_bytes\x18\x08 \x01(\x03\x12\x0e\n\x06shared\x18\t \x01(\x08\x12\x15\n\rstore_warning\x18\n \x01(\t\"]\n\x0ePredictRequest\x12\x15\n\radaptation_id\x18\x01 \x01(\t\x12%\n\x07query_x\x18\x02 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12\r\n\x05model\x18\x03 \x01(\t\"\x9c\x02\n\x0fPredictResponse\x12$\n\x06logits\x18\x01 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12\x0e\n\x06labels\x18\x02 \x03(\x05\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.fastadapt.v1.Timings\x12+\n\rprobabilities\x18\x04 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12)\n\x0b\x61\x63tion_mean\x18\x05 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12,\n\x0e\x61\x63tion_log_std\x18\x06 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12%\n\x07outputs\x18\x07 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\"~\n\x16\x41\x64\x61ptAndPredictRequest\x12)\n\x05\x61\x64\x61pt\x18\x01 \x01(\x0b\x32\x1a.fastadapt.v1.AdaptRequest\x12%\n\x07query_x\x18\x02 \x01(\x0b\x32\x14.fastadapt.v1.Tensor\x12\x12\n\nskip_cache\x18\x03 \x01(\x08\"u\n\x17\x41\x64\x61ptAndPredictResponse\x12*\n\x05\x61\x64\x61pt\x18\x01 \x01(\x0b\x32\x1b.fastadapt.v1.AdaptResponse\x12.\n\x07predict\x18\x02 \x01(\x0b\x32\x1d.fastadapt.v1.PredictResponse\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.fastadapt.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\":\n\x10GetModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.fastadapt.v1.ModelInfo\"\xa9\x06\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0c\n\x04ways\x18\x03 \x01(\x05\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12(\n\x0binput_dtype\x18\x05 \x01(\x0e\x32\x13.fastadapt.v1.DType\x12,\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x06 \x03(\x0e\x32\x13.fastadapt.v1.DType\x12\x15\n\rdefault_steps\x18\x07 \x01(\x05\x12\x18\n\x10\x64\x65\x66\x61ult_inner_lr\x18\x08 \x01(\x01\x12\x18\n\x10learned_inner_lr\x18\t \x01(\x08\x12\x11\n\tbn_policy\x18\n \x01(\t\x12\x15\n\rpreprocessing\x18\x0b \x01(\t\x12;\n\nprovenance\x18\x0c \x03(\x0b\x32\'.fastadapt.v1.ModelInfo.ProvenanceEntry\x12\x17\n\x0fprovenance_json\x18\r \x01(\t\x12\x12\n\nnum_params\x18\x0e \x01(\x03\x12\x11\n\tmax_steps\x18\x0f \x01(\x05\x12\x13\n\x0bmax_support\x18\x10 \x01(\x05\x12\x13\n\x0bmax_queries\x18\x11 \x01(\x05\x12\r\n\x05ready\x18\x12 \x01(\x08\x12\x18\n\x10not_ready_reason\x18\x13 \x01(\t\x12\x0e\n\x06recipe\x18\x14 \x01(\t\x12\x14\n\x0c\x61\x64\x61pt_params\x18\x15 \x01(\t\x12\x19\n\x11max_support_steps\x18\x16 \x01(\x03\x12\x0c\n\x04kind\x18\x17 \x01(\t\x12\x18\n\x10observation_size\x18\x18 \x01(\x05\x12\x13\n\x0b\x61\x63tion_size\x18\x19 \x01(\x05\x12\x10\n\x08\x64iscount\x18\x1a \x01(\x01\x12\x10\n\x08\x62\x61seline\x18\x1b \x01(\t\x12\x13\n\x0boutput_size\x18\x1c \x01(\x05\x12\x12\n\naction_low\x18\x1d \x01(\x01\x12\x13\n\x0b\x61\x63tion_high\x18\x1e \x01(\x01\x12\x18\n\x10max_trajectories\x18\x1f \x01(\x05\x12\x13\n\x0bmax_horizon\x18  \x01(\x05\x1a\x31\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x14\x45xportAdaptedRequest\x12\x15\n\radaptation_id\x18\x01 \x01(\t\"k\n\x15\x45xportAdaptedResponse\x12\x12\n\nonnx_model\x18\x01 \x01(\x0c\x12\x12\n\ninput_name\x18\x02 \x01(\t\x12\x13\n\x0boutput_name\x18\x03 \x01(\t\x12\x15\n\rpreprocessing\x18\x04 \x01(\t\"\'\n\x0eReleaseRequest\x12\x15\n\radaptation_id\x18\x01 \x01(\t\"&\n\x0fReleaseResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03*C\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x32\xb3\x04\n\tFastAdapt\x12@\n\x05\x41\x64\x61pt\x12\x1a.fastadapt.v1.AdaptRequest\x1a\x1b.fastadapt.v1.AdaptResponse\x12\x46\n\x07Predict\x12\x1c.fastadapt.v1.PredictRequest\x1a\x1d.fastadapt.v1.PredictResponse\x12^\n\x0f\x41\x64\x61ptAndPredict\x12$.fastadapt.v1.AdaptAndPredictRequest\x1a%.fastadapt.v1.AdaptAndPredictResponse\x12O\n\nListModels\x12\x1f.fastadapt.v1.ListModelsRequest\x1a .fastadapt.v1.ListModelsResponse\x12I\n\x08GetModel\x12\x1d.fastadapt.v1.GetModelRequest\x1a\x1e.fastadapt.v1.GetModelResponse\x12X\n\rExportAdapted\x12\".fastadapt.v1.ExportAdaptedRequest\x1a#.fastadapt.v1.ExportAdaptedResponse\x12\x46\n\x07Release\x12\x1c.fastadapt.v1.ReleaseRequest\x1a\x1d.fastadapt.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,44 +33,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_PROVENANCEENTRY']._loaded_options = None
   _globals['_MODELINFO_PROVENANCEENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1955
-  _globals['_DTYPE']._serialized_end=2022
+  _globals['_DTYPE']._serialized_start=2731
+  _globals['_DTYPE']._serialized_end=2798
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=119
   _globals['_TIMINGS']._serialized_start=121
   _globals['_TIMINGS']._serialized_end=225
-  _globals['_ADAPTREQUEST']._serialized_start=227
-  _globals['_ADAPTREQUEST']._serialized_end=349
-  _globals['_ADAPTRESPONSE']._serialized_start=352
-  _globals['_ADAPTRESPONSE']._serialized_end=552
-  _globals['_PREDICTREQUEST']._serialized_start=554
-  _globals['_PREDICTREQUEST']._serialized_end=632
-  _globals['_PREDICTRESPONSE']._serialized_start=635
-  _globals['_PREDICTRESPONSE']._serialized_end=791
-  _globals['_ADAPTANDPREDICTREQUEST']._serialized_start=793
-  _globals['_ADAPTANDPREDICTREQUEST']._serialized_end=919
-  _globals['_ADAPTANDPREDICTRESPONSE']._serialized_start=921
-  _globals['_ADAPTANDPREDICTRESPONSE']._serialized_end=1038
-  _globals['_LISTMODELSREQUEST']._serialized_start=1040
-  _globals['_LISTMODELSREQUEST']._serialized_end=1059
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1061
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1122
-  _globals['_GETMODELREQUEST']._serialized_start=1124
-  _globals['_GETMODELREQUEST']._serialized_end=1156
-  _globals['_GETMODELRESPONSE']._serialized_start=1158
-  _globals['_GETMODELRESPONSE']._serialized_end=1216
-  _globals['_MODELINFO']._serialized_start=1219
-  _globals['_MODELINFO']._serialized_end=1716
-  _globals['_MODELINFO_PROVENANCEENTRY']._serialized_start=1667
-  _globals['_MODELINFO_PROVENANCEENTRY']._serialized_end=1716
-  _globals['_EXPORTADAPTEDREQUEST']._serialized_start=1718
-  _globals['_EXPORTADAPTEDREQUEST']._serialized_end=1763
-  _globals['_EXPORTADAPTEDRESPONSE']._serialized_start=1765
-  _globals['_EXPORTADAPTEDRESPONSE']._serialized_end=1872
-  _globals['_RELEASEREQUEST']._serialized_start=1874
-  _globals['_RELEASEREQUEST']._serialized_end=1913
-  _globals['_RELEASERESPONSE']._serialized_start=1915
-  _globals['_RELEASERESPONSE']._serialized_end=1953
-  _globals['_FASTADAPT']._serialized_start=2025
-  _globals['_FASTADAPT']._serialized_end=2588
+  _globals['_TRAJECTORIES']._serialized_start=228
+  _globals['_TRAJECTORIES']._serialized_end=381
+  _globals['_ADAPTREQUEST']._serialized_start=384
+  _globals['_ADAPTREQUEST']._serialized_end=631
+  _globals['_ADAPTRESPONSE']._serialized_start=634
+  _globals['_ADAPTRESPONSE']._serialized_end=873
+  _globals['_PREDICTREQUEST']._serialized_start=875
+  _globals['_PREDICTREQUEST']._serialized_end=968
+  _globals['_PREDICTRESPONSE']._serialized_start=971
+  _globals['_PREDICTRESPONSE']._serialized_end=1255
+  _globals['_ADAPTANDPREDICTREQUEST']._serialized_start=1257
+  _globals['_ADAPTANDPREDICTREQUEST']._serialized_end=1383
+  _globals['_ADAPTANDPREDICTRESPONSE']._serialized_start=1385
+  _globals['_ADAPTANDPREDICTRESPONSE']._serialized_end=1502
+  _globals['_LISTMODELSREQUEST']._serialized_start=1504
+  _globals['_LISTMODELSREQUEST']._serialized_end=1523
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1525
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1586
+  _globals['_GETMODELREQUEST']._serialized_start=1588
+  _globals['_GETMODELREQUEST']._serialized_end=1620
+  _globals['_GETMODELRESPONSE']._serialized_start=1622
+  _globals['_GETMODELRESPONSE']._serialized_end=1680
+  _globals['_MODELINFO']._serialized_start=1683
+  _globals['_MODELINFO']._serialized_end=2492
+  _globals['_MODELINFO_PROVENANCEENTRY']._serialized_start=2443
+  _globals['_MODELINFO_PROVENANCEENTRY']._serialized_end=2492
+  _globals['_EXPORTADAPTEDREQUEST']._serialized_start=2494
+  _globals['_EXPORTADAPTEDREQUEST']._serialized_end=2539
+  _globals['_EXPORTADAPTEDRESPONSE']._serialized_start=2541
+  _globals['_EXPORTADAPTEDRESPONSE']._serialized_end=2648
+  _globals['_RELEASEREQUEST']._serialized_start=2650
+  _globals['_RELEASEREQUEST']._serialized_end=2689
+  _globals['_RELEASERESPONSE']._serialized_start=2691
+  _globals['_RELEASERESPONSE']._serialized_end=2729
+  _globals['_FASTADAPT']._serialized_start=2801
+  _globals['_FASTADAPT']._serialized_end=3364
 # @@protoc_insertion_point(module_scope)

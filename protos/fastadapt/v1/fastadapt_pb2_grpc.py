@@ -75,14 +75,16 @@ class FastAdaptServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Adapt(self, request, context):
-        """Adapt the model to a support set; the adapted weights stay in the server's cache under adaptation_id.
+        """Adapt the model to a support set (a policy: to trajectories); the adapted weights stay in the server's cache under
+        adaptation_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Predict(self, request, context):
-        """Classify query images with a cached adaptation.
+        """Classify query images with a cached adaptation (a regressor: its outputs; a policy: the action distribution of
+        each observation); with an empty adaptation_id, with the model's meta-initialization.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,7 +112,7 @@ class FastAdaptServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportAdapted(self, request, context):
-        """A standalone ONNX model of an adapted network (weights baked in), runnable by onnxruntime.
+        """A standalone ONNX model of an adapted network (weights baked in), runnable by onnxruntime (classifiers).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

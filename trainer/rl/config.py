@@ -1,0 +1,143 @@
+"""Named MAML-RL configurations, every setting with its source, and `--key value` overrides.
+
+Sources: "paper" = Finn, Abbeel & Levine 2017 (section 5.3, appendix A.2); "cbfinn" = cbfinn/maml_rl at 9c8e2eb
+(maml_examples/maml_trpo_point.py, test_maml_point.py, sandbox/rocky/tf/algos); "pytorch-maml-rl" =
+tristandeleu/pytorch-maml-rl at 21d4ba1 (configs/maml/2d-navigation.yaml, maml_rl/). Where they differ, the
+source column says which one we follow and what the others use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from trainer.config import _parse_value
+
+
+@dataclass
+class RLConfig:
+    name: str = "navigation-2d"
+    env: str = "navigation-2d"
+    hidden: int = 100
+    layers: int = 2
+    nonlinearity: str = "relu"
+    init_std: float = 1.0
+    inner_lr: float = 0.1
+    eval_lr: float = 0.05  # the inner lr of adaptation steps after the first at evaluation
+    discount: float = 0.99
+    gae_lambda: float = 1.0
+    normalize_advantages: bool = True
+    baseline_reg: float = 1e-5
+    meta_batch: int = 20
+    trajectories: int = 20
+    horizon: int = 100
+    iterations: int = 500
+    first_order: bool = False
+    max_kl: float = 1e-2
+    cg_iters: int = 10
+    cg_damping: float = 1e-5
+    ls_max_steps: int = 15
+    ls_backtrack_ratio: float = 0.8
+    eval_tasks: int = 40
+    eval_steps: int = 3
+    eval_trajectories: int = 20
+    select: str = "best"  # evaluate the iterate with the best post-adaptation training return (paper) | last
+    seed: int = 0
+    threads: int = 1  # torch.set_num_threads (0: leave torch's default)
+    checkpoint_every: int = 10
+    max_seconds: float = 0.0  # stop (state saved, evaluated) after this many seconds of this invocation; 0 = none
+    out_dir: str = ""  # default runs/<name>
+    final_eval: bool = True
+    random_baseline: bool = True  # also evaluate an untrained policy adapted the same way (the paper's baseline)
+    progress: bool = True
+
+    def run_dir(self) -> str:
+        return self.out_dir or f"runs/{self.name}"
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return (self.hidden,) * self.layers
+
+
+SOURCES = {
+    "env": "cbfinn point_env_randgoal.py / pytorch-maml-rl navigation.py (see trainer/rl/navigation.py)",
+    "hidden": "paper A.2, cbfinn: 2 hidden layers of 100 (pytorch-maml-rl's yaml: 64, 64 tanh)",
+    "nonlinearity": "paper A.2, cbfinn: ReLU",
+    "init_std": "cbfinn (rllab GaussianMLPPolicy init_std=1), pytorch-maml-rl NormalMLPPolicy init_std=1.0",
+    "inner_lr": "paper 5.3 and pytorch-maml-rl fast-lr: 0.1 (cbfinn's released script: 0.5 in rllab-normalized "
+                "action units, actions in [-1, 1] rescaled by 0.1)",
+    "eval_lr": "paper 5.3: halve the learning rate after the first step (cbfinn test_maml_point.py: 0.5 then 0.25)",
+    "discount": "cbfinn batch_maml_polopt discount=0.99, pytorch-maml-rl gamma 0.99",
+    "gae_lambda": "cbfinn gae_lambda=1, pytorch-maml-rl gae-lambda 1.0: advantages = discounted returns - baseline",
+    "normalize_advantages": "cbfinn center_adv=True (per task over all samples; followed), pytorch-maml-rl "
+                            "normalize=True (per task, per trajectory weighted)",
+    "baseline_reg": "rllab/pytorch-maml-rl LinearFeatureBaseline reg_coeff 1e-5, x10 on failure (5 tries)",
+    "meta_batch": "paper A.2: 20 tasks for 2D navigation; pytorch-maml-rl meta-batch-size 20 (cbfinn script: 40)",
+    "trajectories": "paper 5.3 (20 trajectories), cbfinn fast_batch_size 20, pytorch-maml-rl fast-batch-size 20",
+    "horizon": "cbfinn max_path_length 100, pytorch-maml-rl max_episode_steps 100",
+    "iterations": "paper A.2: up to 500 meta-iterations, the best iterate evaluated (cbfinn script n_itr=100, "
+                  "pytorch-maml-rl num-batches 500)",
+    "first_order": "paper: second-order MAML through the inner step (pytorch-maml-rl first-order false)",
+    "max_kl": "paper A.2 and cbfinn meta_step_size 0.01, pytorch-maml-rl max-kl 1e-2",
+    "cg_iters": "pytorch-maml-rl cg-iters 10 (rllab ConjugateGradientOptimizer default 10)",
+    "cg_damping": "pytorch-maml-rl cg-damping 1e-5 (rllab reg_coeff 1e-5)",
+    "ls_max_steps": "pytorch-maml-rl ls-max-steps 15 (rllab max_backtracks 15)",
+    "ls_backtrack_ratio": "pytorch-maml-rl ls-backtrack-ratio 0.8 (rllab backtrack_ratio 0.8)",
+    "eval_tasks": "paper / cbfinn test_maml_point.py: 40 test goals",
+    "eval_steps": "paper Table 4: returns after 0, 1, 2, 3 steps",
+    "eval_trajectories": "issue 13: 20 fresh trajectories per step (cbfinn's test script: batch_size 4000 = 40)",
+    "select": "paper A.2: the iterate with the best average return during training",
+    "kl_direction": "KL(old || new), cbfinn's kl_sym(old, new) and TRPO's definition (pytorch-maml-rl: KL(new || "
+                    "old); the same Hessian at the old policy)",
+    "surrogate_mean": "mean over each task's steps taken, then over tasks (cbfinn tf.reduce_mean over the task's "
+                      "samples; pytorch-maml-rl averages per trajectory first)",
+}
+
+RL_CONFIGS: dict[str, RLConfig] = {
+    "navigation-2d": RLConfig(),
+}
+
+ENVIRONMENTS = ("navigation-2d",)
+
+
+def check_config(cfg: RLConfig) -> RLConfig:
+    if cfg.env not in ENVIRONMENTS:
+        raise ValueError(f"--env {cfg.env!r}, expected one of {ENVIRONMENTS}")
+    if cfg.select not in ("best", "last"):
+        raise ValueError(f"--select {cfg.select!r}, expected best or last")
+    if cfg.nonlinearity not in ("relu", "tanh"):
+        raise ValueError(f"--nonlinearity {cfg.nonlinearity!r}, expected relu or tanh")
+    if cfg.gae_lambda != 1.0:
+        raise ValueError(f"--gae_lambda {cfg.gae_lambda}, expected 1.0 (the only value implemented: returns - "
+                         "baseline, as both references use)")
+    for key in ("meta_batch", "trajectories", "horizon", "hidden", "layers", "eval_tasks", "eval_trajectories"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key} {getattr(cfg, key)}, expected >= 1")
+    return cfg
+
+
+def rl_config_from_args(argv: list[str] | None = None) -> tuple[RLConfig, argparse.Namespace]:
+    """`CONFIG [--resume] [--zoo PATH] [--key value ...]`: a named RL config with any field overridden."""
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Meta-train a fastadapt policy (MAML-RL).")
+    parser.add_argument("config", choices=sorted(RL_CONFIGS), help="named configuration")
+    parser.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last state")
+    parser.add_argument("--zoo", default="", help="also write the evaluated policy to this file (models/zoo/x.pt)")
+    args, rest = parser.parse_known_args(argv)
+    cfg = dataclasses.replace(RL_CONFIGS[args.config])
+    fields = {f.name for f in dataclasses.fields(RLConfig)}
+    if len(rest) % 2:
+        parser.error(f"overrides are '--key value' pairs, got {rest!r}")
+    for key, raw in zip(rest[::2], rest[1::2]):
+        name = key[2:].replace("-", "_")
+        if not key.startswith("--") or name not in fields:
+            parser.error(f"unknown config key {key!r}; expected one of {sorted(fields)}")
+        try:
+            setattr(cfg, name, _parse_value(raw, getattr(cfg, name)))
+        except ValueError as exc:
+            parser.error(f"{key}: {exc}")
+    try:
+        check_config(cfg)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cfg, args

@@ -1,0 +1,51 @@
+"""PNG plots for MAML-RL: training returns before/after adaptation, and meta-test return vs adaptation step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_rl_training(log_path: Path, title: str, path: Path, window: int = 10):
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    its = [r["iteration"] for r in records]
+    for key, label in (("return_pre", "before adaptation"), ("return_post", "after 1 VPG step")):
+        values = [r[key] for r in records]
+        ax.plot(its, values, alpha=0.3)
+        smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                  for i in range(len(values))]
+        ax.plot(its, smooth, label=f"{label} ({window}-it mean)", color=ax.lines[-1].get_color())
+    ax.set_ylabel("mean return (meta-batch)")
+    _finish(fig, ax, title, "meta-iteration", path)
+
+
+def plot_rl_steps(curves: dict[str, dict], title: str, path: Path):
+    """curves: label -> {'mean': [...], 'ci95': [...]} (a 'paper' entry may have no ci95)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, res in curves.items():
+        mean, ci = res["mean"], res.get("ci95")
+        steps = range(len(mean))
+        ax.plot(steps, mean, marker="o", linestyle="--" if ci is None else "-", label=label)
+        if ci is not None:
+            ax.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)], alpha=0.2)
+    ax.set_ylabel("mean return (40 test goals)")
+    ax.set_xticks(range(max(len(r["mean"]) for r in curves.values())))
+    _finish(fig, ax, title, "adaptation steps (VPG)", path)
+
+
+def _finish(fig, ax, title: str, xlabel: str, path: Path):
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

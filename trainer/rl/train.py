@@ -1,0 +1,143 @@
+"""The MAML-RL meta-training loop: sample a meta-batch, adapt, TRPO meta-update; JSONL log, resumable state.
+
+Each iteration draws `meta_batch` goals, samples `trajectories` trajectories per goal with the meta-policy, takes
+the VPG inner step per task, samples as many trajectories with each adapted policy, and makes one TRPO step
+through the inner step. Everything random (goals, action noise) comes from one seeded torch.Generator whose state
+is saved with the parameters, so `--resume` continues the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.policy import PolicyModel, PolicySpec, init_policy
+from trainer.rl.baseline import advantages
+from trainer.rl.config import RLConfig
+from trainer.rl.maml_trpo import MetaBatch, TRPOSettings, trpo_step
+from trainer.rl.navigation import Navigation2D
+from trainer.rl.sampler import sample_trajectories
+from trainer.rl.vpg import adapt
+from trainer.train import git_commit
+
+STATE_FILE = "state.pt"
+LOG_FILE = "log.jsonl"
+
+
+def make_env(cfg: RLConfig):
+    if cfg.env == "navigation-2d":
+        return Navigation2D(horizon=cfg.horizon)
+    raise ValueError(f"env {cfg.env!r}, expected navigation-2d")
+
+
+def policy_spec(cfg: RLConfig, env) -> PolicySpec:
+    return PolicySpec(name=cfg.name, env=cfg.env, obs_dim=env.obs_dim, act_dim=env.act_dim, hidden=cfg.hidden_sizes,
+                      nonlinearity=cfg.nonlinearity, init_std=cfg.init_std, inner_lr=cfg.inner_lr, steps=1,
+                      discount=cfg.discount, baseline="linear-feature", action_low=env.action_low,
+                      action_high=env.action_high, baseline_reg=cfg.baseline_reg,
+                      normalize_advantages=cfg.normalize_advantages)
+
+
+def trpo_settings(cfg: RLConfig) -> TRPOSettings:
+    return TRPOSettings(max_kl=cfg.max_kl, cg_iters=cfg.cg_iters, cg_damping=cfg.cg_damping,
+                        ls_max_steps=cfg.ls_max_steps, ls_backtrack_ratio=cfg.ls_backtrack_ratio)
+
+
+class RLTrainer:
+    def __init__(self, cfg: RLConfig, resume: bool = False):
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir())
+        self.state_dir = self.dir / "state"
+        self.env = make_env(cfg)
+        self.spec = policy_spec(cfg, self.env)
+        self.settings = trpo_settings(cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.params = init_policy(self.spec, self.generator)
+        self.iteration = 0
+        self.train_seconds = 0.0
+        self.best = {"return": -float("inf"), "iteration": 0, "params": dict(self.params)}
+        if resume:
+            self._load_state()
+
+    # ---- state ----
+    def _save_state(self):
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = {"iteration": self.iteration, "train_seconds": self.train_seconds, "params": self.params,
+                 "best": self.best, "generator": self.generator.get_state(), "config": dataclasses.asdict(self.cfg)}
+        tmp = self.state_dir / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_dir / STATE_FILE)
+
+    def _load_state(self):
+        path = self.state_dir / STATE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no training state at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.iteration, self.train_seconds = state["iteration"], state["train_seconds"]
+        self.params, self.best = state["params"], state["best"]
+        self.generator.set_state(state["generator"])
+
+    def _log(self, record: dict):
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / LOG_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def provenance(self, **extra) -> dict:
+        return {"config": dataclasses.asdict(self.cfg), "commit": git_commit(), "iterations": self.iteration,
+                "train_seconds": round(self.train_seconds, 1), "best_iteration": self.best["iteration"],
+                "best_train_return_post": self.best["return"], "device": "cpu", **extra}
+
+    def policy_model(self, which: str = "best", **provenance) -> PolicyModel:
+        params = self.best["params"] if which == "best" else self.params
+        return PolicyModel(self.spec, {k: v.detach().clone() for k, v in params.items()},
+                           self.provenance(selected=which, **provenance))
+
+    # ---- loop ----
+    def sample_meta_batch(self) -> MetaBatch:
+        cfg, env = self.cfg, self.env
+        goals = env.sample_tasks(cfg.meta_batch, self.generator)
+        train = sample_trajectories(env, self.spec, self.params, goals, cfg.trajectories, self.generator)
+        train_adv = advantages(train, cfg.discount, cfg.baseline_reg, cfg.normalize_advantages)
+        fast = adapt(self.spec, self.params, train, train_adv, cfg.inner_lr)
+        valid = sample_trajectories(env, self.spec, fast, goals, cfg.trajectories, self.generator)
+        valid_adv = advantages(valid, cfg.discount, cfg.baseline_reg, cfg.normalize_advantages)
+        return MetaBatch(train, train_adv, valid, valid_adv)
+
+    def step(self) -> dict:
+        batch = self.sample_meta_batch()
+        pre, post = batch.train.returns().mean().item(), batch.valid.returns().mean().item()
+        if post > self.best["return"]:  # the returns of the policy before this update
+            self.best = {"return": post, "iteration": self.iteration, "params": dict(self.params)}
+        self.params, info = trpo_step(self.spec, self.params, batch, self.cfg.inner_lr, self.settings,
+                                      second_order=not self.cfg.first_order)
+        return {"return_pre": pre, "return_post": post, **info}
+
+    def train(self):
+        cfg = self.cfg
+        print(json.dumps({"config": dataclasses.asdict(cfg), "threads": torch.get_num_threads()}))
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not cfg.progress, desc=cfg.name, unit="it",
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        while self.iteration < cfg.iterations:
+            t0 = time.perf_counter()
+            record = {"iteration": self.iteration + 1, **self.step()}
+            self.iteration += 1
+            self.train_seconds += time.perf_counter() - t0
+            record["seconds"] = round(self.train_seconds, 2)
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(pre=f"{record['return_pre']:.1f}", post=f"{record['return_post']:.1f}",
+                            kl=f"{record['kl_after']:.4f}")
+            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - start > cfg.max_seconds
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations or out_of_time:
+                self._save_state()
+            if out_of_time:
+                break
+        bar.close()
+        return self
