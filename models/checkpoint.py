@@ -82,6 +82,11 @@ def save_checkpoint(path: str | os.PathLike, model: MetaModel) -> Path:
     }
     if model.step_lrs is not None:  # only written when used, so files without it stay readable by older code
         payload["step_lrs"] = {k: v.detach().cpu().contiguous() for k, v in model.step_lrs.items()}
+    return atomic_save(payload, path)
+
+
+def atomic_save(payload: dict, path: Path) -> Path:
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file behind."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

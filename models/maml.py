@@ -91,9 +91,7 @@ def adapt(
             out = forward(spec, fast, support_x, double_backward=second_order)
             per_task = task_losses(spec, out, support_y, shots)
             if track:
-                losses.append(per_task.detach())
-                if not spec.is_regression:
-                    accs.append(task_accuracy(out.detach(), support_y))
+                _record(spec, out.detach(), per_task.detach(), support_y, losses, accs)
             grads = torch.autograd.grad(per_task.sum(), list(fast.values()), create_graph=second_order)
             if not needs_meta_grad:
                 # Serving: the fast weights are leaves this function owns, so update them in place, in one
@@ -125,6 +123,13 @@ def adapt(
         result.support_loss = torch.stack(losses)
         result.support_accuracy = torch.stack(accs) if accs else None
     return result
+
+
+def _record(spec: ModelSpec, out, per_task, support_y, losses: list, accs: list) -> None:
+    """Track one step: the per-task support loss and (classification) accuracy before the update."""
+    losses.append(per_task)
+    if not spec.is_regression:
+        accs.append(task_accuracy(out, support_y))
 
 
 def _step_rates(keys, lr, step_lrs, step: int) -> list:
@@ -175,9 +180,7 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
                 out = forward(spec, fast, support_x, double_backward=second_order)
             per_task = task_losses(spec, out, support_y, shots)
             if track:
-                losses.append(per_task.detach())
-                if not spec.is_regression:
-                    accs.append(task_accuracy(out.detach(), support_y))
+                _record(spec, out.detach(), per_task.detach(), support_y, losses, accs)
             grads = torch.autograd.grad(per_task.sum(), [fast[k] for k in keys], create_graph=second_order)
             rates = _step_rates(keys, lr, step_lrs, step)
             updated = {k: fast[k] - r * g for k, r, g in zip(keys, rates, grads)}

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, atomic_save
 
 POLICY_FORMAT = "fastadapt-policy"
 POLICY_FORMAT_VERSION = 1
@@ -218,15 +217,7 @@ def save_policy(path: str | os.PathLike, model: PolicyModel) -> Path:
     payload = {"format": POLICY_FORMAT, "format_version": POLICY_FORMAT_VERSION, "spec": model.spec.to_dict(),
                "params": {k: v.detach().cpu().to(torch.float32).contiguous() for k, v in model.params.items()},
                "provenance": model.provenance}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_save(payload, path)
 
 
 def load_policy(path: str | os.PathLike, device="cpu") -> PolicyModel:

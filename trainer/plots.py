@@ -22,7 +22,7 @@ def plot_steps(result: dict, title: str, path: Path):
         ax.plot(steps, mean, marker="o", label=label)
         ax.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)], alpha=0.2)
     ax.set_ylabel("query MSE" if result["metric"] == "mse" else "query accuracy (%)")
-    _finish(fig, ax, title, "inner SGD steps", path)
+    finish(fig, ax, title, "inner SGD steps", path)
 
 
 def plot_training(log_path: Path, title: str, path: Path):
@@ -37,10 +37,11 @@ def plot_training(log_path: Path, title: str, path: Path):
            and "val" in r]
     if val:
         ax.plot(*zip(*val), marker="o", label="validation MSE" if regression else "validation acc (%)")
-    _finish(fig, ax, title, "meta-iteration", path)
+    finish(fig, ax, title, "meta-iteration", path)
 
 
-def _finish(fig, ax, title: str, xlabel: str, path: Path):
+def finish(fig, ax, title: str, xlabel: str, path: Path):
+    """Label, grid, legend and save a figure (shared by the classifier and RL plots)."""
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

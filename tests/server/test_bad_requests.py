@@ -228,7 +228,8 @@ def test_a_request_over_the_kernels_row_limit_is_refused_in_validation(make_serv
         with pytest.raises(grpc.RpcError) as err:
             client.adapt_and_predict("tiny-5w", sx, sy, np.zeros((3, 1, 28, 28), np.uint8))
         assert err.value.code() == INVALID
-        assert "adapt.support_x (10 rows) + query_x (3 rows) = 13 rows per task, more than the 12" in err.value.details()
+        expected = "adapt.support_x (10 rows) + query_x (3 rows) = 13 rows per task, more than the 12"
+        assert expected in err.value.details()
         assert not calls
         client.adapt_and_predict("tiny-5w", sx, sy, np.zeros((2, 1, 28, 28), np.uint8))  # 12 rows: served
     assert calls == [1]

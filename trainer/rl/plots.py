@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from trainer.plots import finish  # noqa: E402
+
 
 def plot_rl_training(log_path: Path, title: str, path: Path, window: int = 10):
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
@@ -24,7 +26,7 @@ def plot_rl_training(log_path: Path, title: str, path: Path, window: int = 10):
                   for i in range(len(values))]
         ax.plot(its, smooth, label=f"{label} ({window}-it mean)", color=ax.lines[-1].get_color())
     ax.set_ylabel("mean return (meta-batch)")
-    _finish(fig, ax, title, "meta-iteration", path)
+    finish(fig, ax, title, "meta-iteration", path)
 
 
 def plot_rl_steps(curves: dict[str, dict], title: str, path: Path):
@@ -38,14 +40,5 @@ def plot_rl_steps(curves: dict[str, dict], title: str, path: Path):
             ax.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)], alpha=0.2)
     ax.set_ylabel("mean return (40 test goals)")
     ax.set_xticks(range(max(len(r["mean"]) for r in curves.values())))
-    _finish(fig, ax, title, "adaptation steps (VPG)", path)
+    finish(fig, ax, title, "adaptation steps (VPG)", path)
 
-
-def _finish(fig, ax, title: str, xlabel: str, path: Path):
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,0 +1,275 @@
+"""`python -m server.rl_demo`: a client that controls 2D-navigation agents adapts their policy through the wire.
+
+For each goal (drawn as the trainer's evaluation draws them: trainer.rl.evaluate's seed and order), the client
+1. asks the server for the action distribution of the meta-policy (Predict with `model` and no adaptation id) at
+   every step of B trajectories it runs in trainer.rl.navigation (the client samples a ~ N(mean, std^2) and the
+   environment clips it),
+2. sends those trajectories to Adapt (one VPG step on the server; lr 0.1, then 0.05 with from_adaptation_id for the
+   later steps, as the paper and the trainer's evaluation),
+3. acts with the adapted policy (Predict with the new adaptation id) to collect the next B trajectories, and repeats
+   for --steps steps.
+It prints the mean return per step with its 95% CI beside the paper's (Finn et al. 2017, 2D navigation, MAML:
+-40.41 / -11.68 / -3.33 / -3.23) and the trainer's own evaluation of the same checkpoint
+(docs/results/navigation-2d/results.json). With the defaults (40 goals, 20 trajectories, seed 1000003) the goals and
+the action noise are the trainer's evaluation's, so the two rows differ only by float rounding in the served forward.
+`--out DIR` writes rl_demo.json, rl_demo.md and rl_demo.png (the trajectories of a few goals before and after
+adaptation). Without --address it starts `python -m server` on models/zoo and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from server.client import FastAdaptClient, add_connection_args, connection_kwargs
+from server.demo import hardware
+from server.launch import REPO_ROOT, ServerProcess
+from trainer.rl.evaluate import TEST_SEED, step_lrs
+from trainer.rl.navigation import Navigation2D
+from trainer.rl.sampler import Trajectories
+
+PAPER = [-40.41, -11.68, -3.33, -3.23]  # Finn et al. 2017, 2D navigation, MAML (Table 4 / Fig. 5)
+TRAINER_RESULTS = REPO_ROOT / "docs" / "results" / "navigation-2d" / "results.json"
+TRAINER_ROW = "MAML (best iterate)"  # models/zoo/navigation-2d.pt is the best iterate (results.json -> training)
+
+
+class WirePolicies:
+    """One policy per goal, all served: the meta-policy (id "") or each goal's latest adaptation."""
+
+    def __init__(self, client: FastAdaptClient, model: str, goals: int, pool: ThreadPoolExecutor):
+        self.client, self.model, self.pool = client, model, pool
+        self.ids = [""] * goals
+        self.calls, self.seconds = 0, 0.0
+
+    def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs [T, B, obs_dim] -> mean [T, B, act_dim], log_std [T, 1, act_dim], one concurrent Predict per goal."""
+        start = time.perf_counter()
+        out = list(self.pool.map(lambda i: self.client.act(obs[i].numpy(), adaptation_id=self.ids[i],
+                                                           model=self.model if not self.ids[i] else ""),
+                                 range(len(self.ids))))
+        self.calls += len(out)
+        self.seconds += time.perf_counter() - start
+        return (torch.from_numpy(np.stack([a.mean for a in out])),
+                torch.from_numpy(np.stack([a.log_std for a in out])).unsqueeze(1))
+
+    def adapt(self, traj: Trajectories, lr: float) -> list:
+        """One Adapt per goal on its trajectories, from its current policy; the new ids replace the old."""
+        def one(i):
+            return self.client.adapt_policy(self.model, traj.observations[i].numpy(), traj.actions[i].numpy(),
+                                            traj.rewards[i].numpy(), traj.lengths[i].numpy(), inner_lr=lr,
+                                            from_adaptation_id=self.ids[i])
+
+        adapted = list(self.pool.map(one, range(len(self.ids))))
+        self.ids = [a.adaptation_id for a in adapted]
+        return adapted
+
+
+def sample_through_the_wire(env, policies: WirePolicies, goals: torch.Tensor, batch: int,
+                            generator: torch.Generator) -> Trajectories:
+    """trainer.rl.sampler.sample_trajectories with the served policies: the same loop, the same noise draws."""
+    n_tasks, horizon = goals.shape[0], env.horizon
+    obs = env.reset(goals, batch)
+    observations = torch.zeros(n_tasks, batch, horizon, env.obs_dim)
+    actions = torch.zeros(n_tasks, batch, horizon, env.act_dim)
+    rewards = torch.zeros(n_tasks, batch, horizon)
+    lengths = torch.zeros(n_tasks, batch, dtype=torch.int64)
+    alive = torch.ones(n_tasks, batch, dtype=torch.bool)
+    for t in range(horizon):
+        mean, log_std = policies.act(obs)
+        noise = torch.randn(mean.shape, generator=generator)
+        action = mean + torch.exp(log_std) * noise
+        keep = alive.unsqueeze(-1)
+        observations[:, :, t] = torch.where(keep, obs, 0.0)
+        actions[:, :, t] = torch.where(keep, action, 0.0)
+        obs, reward, done = env.step(action)
+        rewards[:, :, t] = torch.where(alive, reward, 0.0)
+        lengths += alive.to(torch.int64)
+        alive = alive & ~done
+        if not alive.any():
+            break
+    return Trajectories(observations, actions, rewards, lengths)
+
+
+def positions(traj: Trajectories, goal: int) -> list[np.ndarray]:
+    """Each trajectory's path from the origin: [length + 1, 2] (an observation is the position before the step)."""
+    paths = []
+    for b in range(traj.lengths.shape[1]):
+        n = int(traj.lengths[goal, b])
+        obs = traj.observations[goal, b, :n].numpy()
+        last = obs[-1] + np.clip(traj.actions[goal, b, n - 1].numpy(), -0.1, 0.1)
+        paths.append(np.vstack([obs, last]))
+    return paths
+
+
+def run(client: FastAdaptClient, model: str, goals: int, trajectories: int, steps: int, seed: int,
+        plot_goals: int, progress: bool = True) -> tuple[dict, list]:
+    info = client.get_model(model)
+    if info["kind"] != "policy":
+        raise ValueError(f"model {model} is a {info['kind']}, expected a policy (ListModels says which are)")
+    env = Navigation2D()
+    generator = torch.Generator().manual_seed(seed)
+    tasks = env.sample_tasks(goals, generator)
+    lrs = step_lrs(info["default_inner_lr"], info["default_inner_lr"] / 2, steps)
+    per_step, kept, adapt_ms = [], [], []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(goals, 64)) as pool:
+        policies = WirePolicies(client, model, goals, pool)
+        for s in tqdm(range(steps + 1), desc="rounds (sample, adapt)", disable=not progress):
+            traj = sample_through_the_wire(env, policies, tasks, trajectories, generator)
+            per_step.append(traj.returns().mean(1))
+            kept.append([positions(traj, g) for g in range(min(plot_goals, goals))])
+            if s < steps:
+                adapted = policies.adapt(traj, lrs[s])
+                adapt_ms.append(float(np.median([a.timings["total_ms"] for a in adapted])))
+    wall = time.perf_counter() - start
+    record = {
+        "model": model, "goals": goals, "trajectories": trajectories, "steps": steps, "lrs": lrs, "seed": seed,
+        "mean": [r.mean().item() for r in per_step],
+        "ci95": [1.96 * r.std(unbiased=False).item() / math.sqrt(goals) for r in per_step],
+        "per_goal": [[round(x, 3) for x in r.tolist()] for r in per_step],
+        "goal_positions": [[round(v, 4) for v in g] for g in tasks.tolist()],
+        "wall_s": round(wall, 2), "predict_calls": policies.calls,
+        "predict_ms_per_round_trip_step": round(1e3 * policies.seconds / (policies.calls / goals), 2),
+        "adapt_ms_median_per_step": [round(v, 2) for v in adapt_ms],
+        "model_info": {k: info[k] for k in ("kind", "observation_size", "action_size", "discount", "baseline",
+                                            "default_inner_lr", "action_low", "action_high")},
+    }
+    return record, kept
+
+
+def trainer_evaluation() -> dict | None:
+    if not TRAINER_RESULTS.is_file():
+        return None
+    row = json.loads(TRAINER_RESULTS.read_text()).get("evaluations", {}).get(TRAINER_ROW)
+    return None if row is None else {"row": TRAINER_ROW, **{k: row[k] for k in ("tasks", "trajectories", "lrs",
+                                                                                 "seed", "mean", "ci95")}}
+
+
+def table(record: dict) -> str:
+    steps = record["steps"]
+    head = "| | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in range(steps + 1)) + " |"
+    rows = [head, "|---" * (steps + 2) + "|"]
+    cells = [f"{m:.2f} ± {c:.2f}" for m, c in zip(record["mean"], record["ci95"])]
+    rows.append(f"| through the wire (this demo, {record['goals']} goals) | " + " | ".join(cells) + " |")
+    trainer = record.get("trainer")
+    if trainer:
+        cells = [f"{m:.2f} ± {c:.2f}" for m, c in zip(trainer["mean"], trainer["ci95"])][: steps + 1]
+        rows.append(f"| trainer's evaluation ({trainer['row']}, {trainer['tasks']} goals) | " + " | ".join(cells)
+                    + " |")
+    rows.append("| paper (Finn et al. 2017, MAML) | " + " | ".join(f"{v:.2f}" for v in PAPER[: steps + 1]) + " |")
+    return "\n".join(rows)
+
+
+def plot(kept: list, record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    goals = len(kept[0])
+    rounds = [0, len(kept) - 1]
+    fig, axes = plt.subplots(len(rounds), goals, figsize=(3.2 * goals, 6.4), squeeze=False)
+    for r, s in enumerate(rounds):
+        for g in range(goals):
+            ax = axes[r][g]
+            for path_xy in kept[s][g]:
+                ax.plot(path_xy[:, 0], path_xy[:, 1], lw=0.7, alpha=0.6)
+            gx, gy = record["goal_positions"][g]
+            ax.plot([0], [0], "ko", ms=4)
+            ax.plot([gx], [gy], "r*", ms=12)
+            ax.set_xlim(-0.8, 0.8)
+            ax.set_ylim(-0.8, 0.8)
+            ax.set_aspect("equal")
+            ax.set_title(f"goal {g}: {'meta-policy' if s == 0 else f'after {s} steps'}\n"
+                         f"return {record['per_goal'][s][g]:.1f}", fontsize=9)
+    fig.suptitle(f"2D navigation through the wire: {record['trajectories']} trajectories per goal, before and after "
+                 "adaptation (black: start, red: goal)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(record: dict) -> str:
+    return "\n".join([
+        f"### rl_demo: {record['model']} adapted through the wire, return per adaptation step (mean ± 95% CI)", "",
+        table(record), "",
+        f"{record['goals']} goals x {record['trajectories']} trajectories per step, adaptation lrs {record['lrs']}, "
+        f"seed {record['seed']}; {record['predict_calls']} Predict calls, {record['wall_s']} s wall on "
+        f"{record['hardware']} (server: {record['server']}).", "",
+        "```", record["command"], "```", "",
+        "Each round the client runs its agents with the served policy (Predict at every time step; it samples the "
+        "actions, the environment clips them), then sends each goal's trajectories to Adapt, starting from that "
+        "goal's previous adaptation (from_adaptation_id). The trainer's row is its evaluation of the same "
+        "checkpoint on the same goals and noise (when the demo runs its defaults)"
+        + (f": every goal's return per step matches it within {record['max_abs_diff_per_goal_vs_trainer']:.3g} "
+           "(returns rounded to 3 decimals)." if "max_abs_diff_per_goal_vs_trainer" in record else "."), ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m server.rl_demo", description=__doc__.splitlines()[0])
+    p.add_argument("--address", default="", help="a running server (default: start one on --model-dir)")
+    p.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "zoo")
+    p.add_argument("--model", default="navigation-2d")
+    p.add_argument("--goals", type=int, default=40, help="navigation goals (the trainer's evaluation: 40)")
+    p.add_argument("--trajectories", type=int, default=20, help="per goal and step")
+    p.add_argument("--steps", type=int, default=3, help="adaptation steps")
+    p.add_argument("--seed", type=int, default=TEST_SEED)
+    p.add_argument("--plot-goals", type=int, default=4)
+    p.add_argument("--out", type=Path, default=None, help="write rl_demo.json, rl_demo.md, rl_demo.png here")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--progress", choices=("true", "false"), default="true")
+    add_connection_args(p)
+    args = p.parse_args(argv)
+    if args.goals < 1 or args.trajectories < 1 or args.steps < 0:
+        p.error("--goals and --trajectories must be >= 1, --steps >= 0")
+    kwargs = connection_kwargs(args)
+    with tempfile.TemporaryDirectory(prefix="fastadapt-rl-demo-") as scratch:
+        server = None
+        if not args.address:
+            server = ServerProcess(args.model_dir, "--warmup", "none", log_path=Path(scratch) / "server.log",
+                                   client_kwargs=kwargs)
+        try:
+            address = args.address or server.address
+            with FastAdaptClient(address, timeout=args.timeout, **kwargs) as client:
+                record, kept = run(client, args.model, args.goals, args.trajectories, args.steps, args.seed,
+                                   args.plot_goals, args.progress == "true")
+        finally:
+            if server is not None:
+                server.stop()
+    record["server"] = (f"{server.info.get('device')} / {server.info.get('backend')}" if server is not None
+                        else address)
+    machine = hardware(str(server.info.get("device", "cpu")) if server is not None else "cpu")
+    record["hardware"] = f"{machine['cpu']} ({machine['cpus']} CPUs, load average {machine['load_average']})"
+    record["command"] = "python -m server.rl_demo " + " ".join(sys.argv[1:] if argv is None else argv)
+    record["paper"] = PAPER
+    record["trainer"] = trainer = trainer_evaluation()
+    same = trainer is not None and all(trainer[k] == record[k] for k in ("seed", "trajectories", "lrs")) and \
+        trainer["tasks"] == record["goals"]
+    if same:  # the same goals and noise: every goal's returns should match the trainer's
+        per_task = json.loads(TRAINER_RESULTS.read_text())["evaluations"][TRAINER_ROW]["per_task"]
+        record["max_abs_diff_per_goal_vs_trainer"] = max(
+            abs(a - b) for s in range(record["steps"] + 1) for a, b in zip(record["per_goal"][s], per_task[s]))
+    print(table(record))
+    print(f"{record['goals']} goals x {record['trajectories']} trajectories, lrs {record['lrs']}: "
+          f"{record['predict_calls']} Predict calls in {record['wall_s']} s")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "rl_demo.json").write_text(json.dumps(record, indent=1))
+        (args.out / "rl_demo.md").write_text(markdown(record))
+        plot(kept, record, args.out / "rl_demo.png")
+        print(f"wrote {args.out}/rl_demo.json, rl_demo.md, rl_demo.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
