@@ -44,6 +44,12 @@ protos: setup
 demo: setup data
 	$(PY) -m server.demo --out $(RESULTS)/demo $(ARGS)
 
+# A client adapts the bundled 2D-navigation policy through the wire (server/rl_demo.py): returns per step beside the
+# paper and the trainer's evaluation, and a plot of the trajectories (docs/results/rl-demo/ holds a run).
+.PHONY: rl-demo
+rl-demo: setup
+	$(PY) -m server.rl_demo --out $(RESULTS)/rl-demo $(ARGS)
+
 serve: setup
 	$(PY) -m server --model-dir models/zoo --host 127.0.0.1 --port 50051 $(ARGS)
 

@@ -7,6 +7,7 @@ adapt and forward for the regressor and the classifiers. The bundled navigation-
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -22,11 +23,13 @@ from models.maml import adapt as maml_adapt
 from models.maml import predict as maml_predict
 from models.policy import load_policy, policy_forward
 from models.preprocess import preprocess_uint8
+from server import rl_demo
 from server.client import FastAdaptClient, trajectories_message
 from server.status import MAX_DETAILS_BYTES
 from server.wire import encode, pb
 from tests.server.conftest import TINY_SPECS, random_task, write_models
 from trainer.rl.baseline import advantages
+from trainer.rl.evaluate import evaluate_policy
 from trainer.rl.navigation import Navigation2D
 from trainer.rl.sampler import sample_trajectories
 from trainer.rl.vpg import adapt as vpg_adapt
@@ -250,6 +253,13 @@ def test_served_sinusoid_regressor_equals_maml_adapt_and_forward(kclient):
     np.testing.assert_allclose(served, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(adapted.support_loss, result.support_loss[:, 0].numpy(), atol=1e-5, rtol=1e-5)
     assert adapted.support_loss[-1] < adapted.support_loss[0]  # it fits the task
+    request = pb.AdaptAndPredictRequest(adapt=pb.AdaptRequest(model=REGRESSOR, steps=5, support_x=encode(sx),
+                                                               support_targets=encode(sy)),
+                                        query_x=encode(qx), skip_cache=True)
+    response = kclient.stub.AdaptAndPredict(request, timeout=60)
+    assert response.adapt.adaptation_id == "" and response.adapt.steps == 5
+    np.testing.assert_allclose(np.frombuffer(response.predict.outputs.data, "<f4").reshape(7, 1), want, atol=1e-5,
+                               rtol=1e-5)
     meta = kclient.regress(qx, model=REGRESSOR)
     meta_want = forward(model.spec, {k: v[None] for k, v in model.params.items()}, torch.from_numpy(qx)[None])[0]
     np.testing.assert_allclose(meta, meta_want.detach().numpy(), atol=1e-5, rtol=1e-5)
@@ -359,6 +369,29 @@ def test_bad_predict_and_export_requests(kclient, nav):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "from_adaptation_id" in info.value.details()
 
 
+
+@pytest.mark.gpu
+def test_policies_and_regressors_served_on_cuda_equal_the_cpu_references(make_server, kinds_dir, nav):
+    server = make_server(model_dir=kinds_dir, device="cuda", backend="auto")
+    traj = rollout(nav.spec, nav.params, seed=13)
+    want = trainer_step(nav.spec, nav.params, traj, 0.1)
+    model = load_checkpoint(ZOO / f"{REGRESSOR}.pt")
+    sx, sy, qx, _ = sinusoid_task(1)
+    result = maml_adapt(model.spec, model.params, torch.from_numpy(sx)[None], torch.from_numpy(sy)[None], 5,
+                        model.spec.inner_lr)
+    outputs = forward(model.spec, result.params, torch.from_numpy(qx)[None])[0].detach().numpy()
+    with FastAdaptClient(server.address, timeout=120) as client:
+        adapted = send(client, POLICY, traj)
+        got = served_params(server, adapted.adaptation_id)
+        obs = np.array([[0.1, 0.2]], np.float32)
+        actions = client.act(obs, adaptation_id=adapted.adaptation_id)
+        served = client.regress(qx, client.adapt_regressor(REGRESSOR, sx, sy, steps=5).adaptation_id)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name][0], atol=1e-4, rtol=1e-4)
+    mean, _ = policy_forward(nav.spec, {k: v[0] for k, v in want.items()}, torch.from_numpy(obs))
+    np.testing.assert_allclose(actions.mean, mean.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(served, outputs, atol=1e-4, rtol=1e-4)
+
 # ---- the shared store -------------------------------------------------------------------------------------------
 
 def test_a_policy_adaptation_is_served_by_another_replica_through_the_shared_store(make_server, kinds_dir,
@@ -372,3 +405,24 @@ def test_a_policy_adaptation_is_served_by_another_replica_through_the_shared_sto
         here, there = ca.act(obs, adapted.adaptation_id), cb.act(obs, adapted.adaptation_id)
     np.testing.assert_array_equal(here.mean, there.mean)
     np.testing.assert_array_equal(here.log_std, there.log_std)
+
+
+# ---- the client demo ---------------------------------------------------------------------------------------------
+
+def test_rl_demo_through_the_wire_equals_the_trainers_evaluation(kserver, tmp_path, capsys):
+    """server.rl_demo's returns are the trainer's evaluation's on the same goals and noise."""
+    out = tmp_path / "rl-demo"
+    assert rl_demo.main(["--address", kserver.address, "--goals", "3", "--trajectories", "4", "--steps", "2",
+                         "--plot-goals", "2", "--out", str(out), "--progress", "false"]) == 0
+    record = json.loads((out / "rl_demo.json").read_text())
+    nav = load_policy(ZOO / f"{POLICY}.pt")
+    want = evaluate_policy(Navigation2D(), nav.spec, nav.params, tasks=3, steps=2, trajectories=4)
+    assert record["lrs"] == want["lrs"] == [0.1, 0.05]
+    assert record["mean"] == pytest.approx(want["mean"], abs=1e-3)
+    for got, expected in zip(record["per_goal"], want["per_task"], strict=True):
+        assert got == pytest.approx(expected, abs=2e-3)
+    assert record["mean"][-1] > record["mean"][0]  # adaptation helps
+    assert (out / "rl_demo.png").stat().st_size > 10_000
+    md = (out / "rl_demo.md").read_text()
+    assert "-40.41" in md and "through the wire" in md
+    assert "paper (Finn et al. 2017, MAML)" in capsys.readouterr().out
