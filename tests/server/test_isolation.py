@@ -7,6 +7,9 @@ alone through the unmodified engine.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,7 @@ import torch
 from kernels.engine import Engine
 from models.checkpoint import MetaModel
 from models.functional import init_params
+from server.client import FastAdaptClient
 from server.runner import AdaptJob, AdaptOutcome, BatchRunner, DeviceLost, PredictJob
 from server.status import Internal, InvalidArgument
 from tests.server.conftest import TINY_SPECS, random_task
@@ -129,3 +133,40 @@ def test_a_sticky_device_error_fails_fast_and_reports_the_device_lost():
     assert "illegal memory access" in outcomes[0].message and "retry on another replica" in outcomes[0].message
     later = runner(("adapt",), jobs_for(model, 2))  # nothing reaches the lost device again
     assert all(isinstance(o, DeviceLost) for o in later) and engine.calls == [4]
+
+
+def test_through_the_wire_a_failing_task_fails_alone_and_its_batch_mates_are_answered(make_server):
+    """Review T8: requests that pass validation and share one engine call; the engine fails on one task (a stand-in
+    wraps the real engine); the other clients get exactly what the plain engine gives, the failing one INTERNAL."""
+    server = make_server(max_wait_ms=500, batch_wait="fixed", max_batch=8)
+    real = server.engine.adapt_predict
+    calls = []
+
+    def fails_on_marked(model, support_x, *args, **kwargs):
+        calls.append(support_x.shape[0])
+        if bool((support_x.reshape(support_x.shape[0], support_x.shape[1], -1)[:, 0, 0] < 0.99).any()):
+            raise ValueError("a kernel limit inside the engine")
+        return real(model, support_x, *args, **kwargs)
+
+    server.engine.adapt_predict = fails_on_marked
+    model = model_for()
+    jobs = jobs_for(model, 4, marked=2)
+
+    def one(job):
+        with FastAdaptClient(server.address, timeout=30) as client:
+            try:
+                return client.adapt_and_predict("tiny-5w", job.support_x, job.support_y, job.query_x, keep=False)[1]
+            except grpc.RpcError as err:
+                return err
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, jobs))
+    assert calls[0] == 4  # all four shared the first engine call
+    assert isinstance(results[2], grpc.RpcError) and results[2].code() == grpc.StatusCode.INTERNAL
+    assert "a kernel limit inside the engine" in results[2].details()
+    server.engine.adapt_predict = real
+    served = BatchRunner(Engine("reference", "cpu"))
+    for i in (0, 1, 3):
+        (alone,) = served.adapt([AdaptJob(server.registry.get("tiny-5w"), jobs[i].support_x, jobs[i].support_y,
+                                          server.registry.get("tiny-5w").spec.steps, None, jobs[i].query_x)])
+        np.testing.assert_allclose(results[i].logits, alone.logits, **TOL)
