@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 # Extra arguments for `make serve` / `make demo`, e.g. `make serve ARGS="--port 50052 --backend triton"`.
 ARGS ?=
 
-.PHONY: setup data test test-fast lint demo serve loadtest protos bench predict-cost train-omniglot train-omniglot-20w gpu-check clean
+.PHONY: setup data test test-fast lint demo serve loadtest protos bench bench-recipes predict-cost train-omniglot train-omniglot-20w gpu-check clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,11 @@ loadtest-cluster: setup
 
 bench: setup
 	$(PY) -m kernels.bench --out $(RESULTS)/bench
+
+# Serving cost of a recipe: the bundled MAML 20-way model against BUNDLE_ANIL (an ANIL checkpoint of the same arch).
+BUNDLE_ANIL ?= docs/results/omniglot-20w1s-anil/model.pt
+bench-recipes: setup
+	$(PY) -m kernels.bench.recipes models/zoo/omniglot-20w1s.pt $(BUNDLE_ANIL) --out $(RESULTS)/bench-recipes
 
 # One-image Predict on 1-shot vs 5-shot adaptations: stored support statistics vs the support rows re-forwarded.
 predict-cost: setup
