@@ -1,12 +1,29 @@
-"""Meta-test evaluation, the paper's protocol, one function for every model.
+"""Meta-test evaluation, the paper's protocol, one function for every model, and a command for any checkpoint.
 
 600 tasks from the meta-test split; after every inner step 0..S the query accuracy (or MSE for regression) is
 recorded under both batch-norm policies; mean and 95% confidence interval (1.96 std / sqrt(n)).
+
+`python -m trainer.evaluate CHECKPOINT [--tasks 600] [--within-alphabet] [--steps S] [--ways N] [--shots K]
+[--queries Q] [--split background|paper] [--seed SEED] [--out DIR]` meta-tests a checkpoint with its own recipe
+(adapted parameters, LSLR / Meta-SGD rates) on the test split it was trained against (its provenance's split unless
+--split says otherwise) and writes DIR/results.json, results.md and meta_test_steps.png, as the trainer's final
+evaluation does. Ways, shots, queries, steps, chunk and seed default to the checkpoint's training config (the
+trainer's meta-test seed), so random tasks reproduce the trainer's own meta-test. --within-alphabet draws all N
+classes of a task from one alphabet of the test split (alphabets with fewer than N characters skipped).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -80,3 +97,226 @@ def results_markdown(name: str, result: dict, report_steps=(0, 1, 3, 5, 10)) -> 
             cells = [f"{result[p]['mean'][s]:.2f} ± {result[p]['ci95'][s]:.2f}" for p in policies]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---- `python -m trainer.evaluate CHECKPOINT`: meta-test any checkpoint ----
+
+TEST_SEED = 1_000_003  # trainer.train.TEST_SEED: the trainer's meta-test tasks (imported lazily there, kept equal)
+TASK_KINDS = {False: "random", True: "within-alphabet"}
+
+
+def recipe_adapt_keys(model) -> tuple[str, ...] | None:
+    """The parameters a checkpoint's recipe adapts (None: all of them, the MAML default), as the trainer passes."""
+    from models.functional import adapted_keys
+
+    return None if model.spec.adapt_params == "all" else adapted_keys(model.spec, model.spec.adapt_params)
+
+
+def _hardware(device: torch.device) -> dict:
+    from kernels.bench.flops import cpu_name
+
+    return {"host": platform.node(), "cpu": cpu_name(), "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__}
+
+
+def _shots_from_name(name: str) -> int | None:
+    match = re.search(r"(\d+)w(\d+)s", name)
+    return int(match.group(2)) if match else None
+
+
+def _omniglot_sampler(args, model, warnings: list[str]):
+    """The test split the checkpoint was trained against (or --split), and its task sampler."""
+    from trainer.data.omniglot import SPLITS, load_omniglot, omniglot_split_alphabets, omniglot_split_indices
+    from trainer.data.omniglot import split_info as omniglot_split_info
+    from trainer.data.sampler import omniglot_sampler
+
+    recorded = model.provenance.get("split") if isinstance(model.provenance.get("split"), dict) else {}
+    recorded = recorded if recorded.get("dataset") == "omniglot" and recorded.get("split") in SPLITS else {}
+    if args.split:
+        split, source = args.split, "--split"
+        if recorded and recorded["split"] != args.split:
+            warnings.append(f"--split {args.split} overrides the checkpoint's {recorded['split']} split: its test "
+                            "characters may include ones the model was trained on")
+    elif recorded:
+        split, source = recorded["split"], "the checkpoint's provenance"
+    else:
+        split, source = "background", "the default (the checkpoint records no split)"
+    seed = int(recorded.get("seed", 0)) if recorded.get("split") == split else 0
+    data = load_omniglot(args.data_root)
+    test = omniglot_split_indices(data, split, seed)["test"]
+    info = omniglot_split_info(data, split, seed)
+    want = (recorded.get("classes_sha256") or {}).get("test") if recorded.get("split") == split else None
+    if want and want != info["classes_sha256"]["test"]:
+        warnings.append("the test characters of this copy of Omniglot differ from those the checkpoint records "
+                        "(classes_sha256.test): another data set or split seed?")
+    alphabets = omniglot_split_alphabets(data, split, seed)["test"]
+    sampler = omniglot_sampler(data.images[test], args.ways, args.shots, args.queries, seed=args.seed,
+                               device=args.device, alphabets=alphabets, within_alphabet=args.within_alphabet)
+    described = {"dataset": "omniglot", "split": split, "split_seed": seed, "source": source,
+                 "test_part": "images_evaluation" if split == "background" else "the paper split's test characters",
+                 "test_classes": int(len(test)), "test_alphabets": len(set(alphabets)),
+                 "classes_sha256_test": info["classes_sha256"]["test"]}
+    if args.within_alphabet:
+        described["within_alphabet"] = {"alphabets": list(sampler.alphabet_names),
+                                        "skipped": sampler.skipped_alphabets}
+    return sampler, described
+
+
+def _other_sampler(args, model):
+    if model.spec.is_regression:
+        from trainer.data.sinusoid import SinusoidSampler
+
+        return SinusoidSampler(args.shots, args.queries, seed=args.seed, device=args.device), {"dataset": "sinusoid"}
+    from trainer.data.miniimagenet import load_miniimagenet, miniimagenet_sampler
+
+    images = load_miniimagenet(args.data_root or os.environ.get("FASTADAPT_MINIIMAGENET", ""), "test")
+    sampler = miniimagenet_sampler(images, args.ways, args.shots, args.queries, seed=args.seed, device=args.device)
+    return sampler, {"dataset": "miniimagenet", "split": "ravi", "test_classes": int(len(images))}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a models/checkpoint.py file")
+    p.add_argument("--tasks", type=int, default=600, help="meta-test tasks (default 600)")
+    p.add_argument("--within-alphabet", action="store_true",
+                   help="draw all N classes of a task from one alphabet of the test split (Omniglot)")
+    p.add_argument("--steps", type=int, default=None, help="inner steps 0..S recorded (default: the config's, 10)")
+    p.add_argument("--ways", type=int, default=None, help="N (default: the checkpoint spec's ways)")
+    p.add_argument("--shots", type=int, default=None, help="K (default: the checkpoint's training config)")
+    p.add_argument("--queries", type=int, default=None,
+                   help="query examples per class (default: the config's eval_queries, else 1)")
+    p.add_argument("--split", choices=("background", "paper"), default=None,
+                   help="Omniglot split (default: the one the checkpoint's provenance records, else background)")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"task sampler seed (default {TEST_SEED}, the trainer's meta-test tasks)")
+    p.add_argument("--chunk", type=int, default=None, help="tasks adapted at once (default: the config's, 100)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--data-root", default=None, help="Omniglot (or mini-ImageNet) folder (default $FASTADAPT_OMNIGLOT)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for results.json, results.md, meta_test_steps.png (default results/evaluate/NAME-KIND)")
+    return p
+
+
+def _resolve(p: argparse.ArgumentParser, args, model) -> None:
+    """Fill the defaults from the checkpoint, and exit 2 naming any bad value."""
+    config = model.provenance.get("config") if isinstance(model.provenance.get("config"), dict) else {}
+    spec = model.spec
+    args.ways = spec.ways if args.ways is None else args.ways
+    args.shots = args.shots if args.shots is not None else config.get("shots") or _shots_from_name(spec.name) or 1
+    args.queries = args.queries if args.queries is not None else config.get("eval_queries") or 1
+    args.steps = args.steps if args.steps is not None else config.get("eval_steps", 10)
+    args.chunk = args.chunk if args.chunk is not None else config.get("eval_chunk", 100)
+    args.seed = TEST_SEED if args.seed is None else args.seed
+    for name, minimum in (("tasks", 1), ("steps", 0), ("shots", 1), ("queries", 1), ("chunk", 1)):
+        if getattr(args, name) < minimum:
+            p.error(f"--{name} {getattr(args, name)}: expected an integer >= {minimum}")
+    if spec.is_regression:
+        if args.within_alphabet:
+            p.error(f"--within-alphabet: {args.checkpoint} is a {spec.arch} model, alphabets are Omniglot's")
+        args.ways = 1
+    elif not 2 <= args.ways <= spec.ways:
+        p.error(f"--ways {args.ways}: expected 2..{spec.ways} (the checkpoint's head has {spec.ways} outputs)")
+    if args.within_alphabet and not spec.arch.endswith("omniglot"):
+        p.error(f"--within-alphabet: {args.checkpoint} is a {spec.arch} model, alphabets are Omniglot's")
+    if args.split and not spec.arch.endswith("omniglot"):
+        p.error(f"--split {args.split}: Omniglot's splits, but {args.checkpoint} is a {spec.arch} model")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    from models.checkpoint import CheckpointError, load_checkpoint
+    from trainer.plots import plot_steps
+
+    if not args.checkpoint.is_file():
+        p.error(f"CHECKPOINT {args.checkpoint}: no such file")
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+    except RuntimeError as exc:
+        p.error(f"--device {args.device}: {exc}")
+    args.device = device
+    try:
+        model = load_checkpoint(args.checkpoint, device=device)
+    except CheckpointError as exc:
+        p.error(f"CHECKPOINT {exc}")
+    _resolve(p, args, model)
+    spec, kind, warnings = model.spec, TASK_KINDS[args.within_alphabet], []
+    try:
+        if spec.arch.endswith("omniglot"):
+            sampler, data = _omniglot_sampler(args, model, warnings)
+        else:
+            sampler, data = _other_sampler(args, model)
+    except ValueError as exc:  # the split cannot hold these tasks: ways, shots + queries, alphabets too small
+        p.error(f"{kind} {args.ways}-way {args.shots}-shot tasks with {args.queries} queries: {exc}")
+    groups = getattr(sampler, "groups", None)
+    if groups is not None and groups.skipped:
+        warnings.append(groups.notice())
+    for line in warnings:
+        print(f"NOTICE: {line}", file=sys.stderr)
+    out = args.out or Path("results") / "evaluate" / f"{args.checkpoint.stem}-{kind}"
+    start = time.perf_counter()
+    result = evaluate(spec, model.params, sampler, args.tasks, args.steps, model.inner_lr(), args.chunk,
+                      adapt_keys=recipe_adapt_keys(model), step_lrs=model.step_lrs)
+    seconds = time.perf_counter() - start
+    prov = model.provenance
+    command = shlex.join(["python", "-m", "trainer.evaluate", *argv])
+    result.update({
+        "checkpoint": str(args.checkpoint), "iterations": prov.get("iterations"),
+        "train_seconds": prov.get("train_seconds"), "device": prov.get("device"), "split": data.get("split"),
+        "report_step": spec.steps, "task_kind": kind, "within_alphabet": args.within_alphabet, "ways": args.ways,
+        "shots": args.shots, "queries": args.queries, "steps": args.steps, "seed": args.seed, "chunk": args.chunk,
+        "recipe": {"adapt_params": spec.adapt_params, "lr": "LSLR per step" if model.step_lrs is not None else
+                   "Meta-SGD per element" if model.inner_lrs is not None else float(spec.inner_lr)},
+        "data": data, "notices": warnings, "command": command, "eval_device": str(device),
+        "hardware": _hardware(device), "eval_seconds": round(seconds, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    markdown = evaluation_markdown(spec.name, result)
+    (out / "results.md").write_text(markdown)
+    plot_steps(result, f"{spec.name} meta-test, {kind} tasks", out / "meta_test_steps.png")
+    print(markdown)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'meta_test_steps.png'}")
+    return 0
+
+
+def evaluation_markdown(name: str, result: dict) -> str:
+    """The results table of `python -m trainer.evaluate`, under what was run: command, checkpoint, tasks, hardware."""
+    hw, data, recipe = result["hardware"], result["data"], result["recipe"]
+    where = f"GPU {hw['gpu']}" if hw["gpu"] else f"CPU {hw['cpu']} ({hw['cpus']} cores)"
+    trained = (f"{result['iterations']} iterations, {result['train_seconds']} s on {result['device']}"
+               if result.get("iterations") is not None else "no training recorded (a fresh initialization?)")
+    task = "regression" if result["metric"] == "mse" else f"{result['ways']}-way {result['shots']}-shot"
+    if data["dataset"] == "omniglot":
+        test = (f"Omniglot {data['split']} split, from {data['source']}: {data['test_part']}, "
+                f"{data['test_classes']} characters of {data['test_alphabets']} alphabets")
+        if result["within_alphabet"]:
+            w = data["within_alphabet"]
+            test += f"; each task's classes from one of {len(w['alphabets'])} alphabets, uniformly"
+            if w["skipped"]:
+                test += f" ({len(w['skipped'])} with fewer than {result['ways']} characters skipped)"
+    else:
+        test = f"{data['dataset']} test split"
+    lines = [
+        f"# Meta-test of `{result['checkpoint']}`: {result['task_kind']} tasks", "",
+        f"- Command: `{result['command']}` ({result['finished']})",
+        f"- Checkpoint: `{result['checkpoint']}` ({name}; adapts {recipe['adapt_params']}, inner lr "
+        f"{recipe['lr']}; {trained})",
+        f"- Tasks: {result['tasks']} {result['task_kind']} {task} tasks, {result['queries']} "
+        f"quer{'y' if result['queries'] == 1 else 'ies'} per class, "
+        f"seed {result['seed']}, inner steps 0..{result['steps']} (serving default {result['report_step']}); {test}",
+        f"- Hardware: {where} on {hw['host']}, device {result['eval_device']}, torch {hw['torch']}; "
+        f"{result['eval_seconds']} s",
+        *(f"- NOTICE: {line}" for line in result["notices"]), "",
+    ]
+    steps = sorted({0, 1, 3, 5, 10, result["report_step"], result["steps"]})
+    return "\n".join(lines) + results_markdown(f"{name}, {result['task_kind']} tasks", result, steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,6 +32,29 @@ def test_task_sampler_uses_distinct_drawings_and_covers_every_class():
     assert len(chosen) == 5, "every label must be another character"
 
 
+def test_within_alphabet_tasks_take_every_character_from_one_alphabet():
+    """The demo's within-alphabet tasks group the names by the trainer sampler's alphabet_groups: every task's
+    characters share one alphabet, alphabets with fewer than N characters are never drawn."""
+    sizes = {"Big": 8, "Mid": 5, "Tiny": 3}
+    characters = {f"{a}/c{i}": np.full((20, 1, 28, 28), k * 10 + i, np.uint8)  # pixel value: alphabet, character
+                  for k, (a, n) in enumerate(sizes.items()) for i in range(n)}
+    names = list(characters)
+    groups = demo.alphabet_groups([demo.alphabet_of(n) for n in names], 4)
+    assert groups.names == ("Big", "Mid") and groups.skipped == {"Tiny": 3}
+    rng, seen = np.random.default_rng(0), set()
+    for _ in range(60):
+        sx, sy, qx, qy = demo.sample_task(characters, names, rng, ways=4, shots=1, queries=2, groups=groups)
+        assert sx.shape == (4, 1, 28, 28) and qx.shape == (8, 1, 28, 28)
+        alphabets = {int(v) // 10 for v in sx[:, 0, 0, 0]}
+        assert len(alphabets) == 1 and len(set(sx[:, 0, 0, 0].tolist())) == 4, sx[:, 0, 0, 0]
+        seen |= alphabets
+    assert seen == {0, 1}  # Big and Mid, never Tiny
+    # without groups the random tasks are the ones the demo always drew for a seed
+    a = demo.sample_task(characters, names, np.random.default_rng(3), ways=4, shots=1, queries=2)
+    b = demo.sample_task(characters, names, np.random.default_rng(3), 4, 1, 2, None)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def test_mean_ci95():
     mean, half = demo.mean_ci95([0.0, 1.0] * 50)
     assert mean == 0.5 and abs(half - 1.96 * np.std([0.0, 1.0] * 50, ddof=1) / 10) < 1e-12
@@ -55,15 +78,21 @@ def test_demo_runs_end_to_end_and_the_trained_model_beats_chance(tmp_path, omnig
     assert result["fresh_init"] == ["omniglot-20w1s"] and result["server_exit_code"] == 0
     assert result["command"].endswith(" ".join(argv[-4:])) and result["backend"] == "reference"
     assert result["device"] == "cpu" and result["hardware"]["cpus"] >= 1
-    trained, fresh = result["results"]
-    assert [trained["model"], fresh["model"]] == ["omniglot-5w1s", "omniglot-20w1s"]
-    assert trained["tasks"] == fresh["tasks"] == 4
+    trained, trained_within, fresh, fresh_within = result["results"]  # random, then within-alphabet, per model
+    assert [r["model"] for r in result["results"]] == ["omniglot-5w1s"] * 2 + ["omniglot-20w1s"] * 2
+    assert [r["task_kind"] for r in result["results"]] == ["random", "within-alphabet"] * 2
+    assert all(r["tasks"] == 4 for r in result["results"])
     # 4 tasks x 10 queries: the trained model (~94% on 200 tasks) is far above chance (20%); 2/5 is a wide margin
     assert trained["accuracy"] > 2 / trained["ways"], trained
+    # within one alphabet it is harder but still far above chance; images_evaluation's 20 alphabets all have >= 20
+    assert trained_within["accuracy"] > 1.5 / trained_within["ways"], trained_within
+    assert trained_within["alphabets"] == fresh_within["alphabets"] == 20 and fresh_within["skipped_alphabets"] == {}
     for r in result["results"]:
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
     table = (out / "demo.md").read_text()
     assert "| omniglot-5w1s | 5-way 1-shot" in table and "FRESH INIT (untrained)" in table
+    assert "| omniglot-5w1s | 5-way 1-shot within-alphabet, " in table
+    assert "| omniglot-20w1s | 20-way 1-shot within-alphabet, " in table
     assert result["command"] in table and "backend reference" in table
 
 

@@ -271,6 +271,18 @@ def omniglot_split(data: OmniglotData, split: str = "paper", seed: int = 0, val_
     return {name: data.images[idx] for name, idx in omniglot_split_indices(data, split, seed, val_classes).items()}
 
 
+def alphabet_of(character: str) -> str:
+    """The alphabet of an Omniglot character name ('alphabet/characterNN', as OmniglotData.characters)."""
+    return character.split("/", 1)[0]
+
+
+def omniglot_split_alphabets(data: OmniglotData, split: str = "paper", seed: int = 0, val_classes: int = 0):
+    """{'train', 'val', 'test'} -> the alphabet of each class, in the order of `omniglot_split`'s arrays (for
+    within-alphabet task samplers)."""
+    return {name: [data.alphabets[i] for i in idx]
+            for name, idx in omniglot_split_indices(data, split, seed, val_classes).items()}
+
+
 def split_info(data: OmniglotData, split: str = "paper", seed: int = 0, val_classes: int = 0) -> dict:
     """Compact, JSON-able provenance of a split: its name, seed, class counts and the sha256 of each class list."""
     indices = omniglot_split_indices(data, split, seed, val_classes)

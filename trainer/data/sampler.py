@@ -7,12 +7,17 @@ torch.Generator on that device. `sample(T)` draws all T tasks at once: per task 
 One `index_select` per set gathers the uint8 pixels; the preprocessing turns them into float32 model input on the
 device. There is no Python loop per task or per image. The generator state is the sampler's whole state, so
 `state_dict()` / `load_state_dict()` resume a run bit for bit.
+
+`within_alphabet=True` (with one alphabet label per class) draws all N classes of a task from one alphabet: per task
+one alphabet uniformly among those with at least N classes (`alphabet_groups`; the others are skipped and listed in
+`skipped_alphabets`), then N of its classes without replacement. Harder than random tasks: what a user adapting to
+one new script faces.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -25,7 +30,8 @@ class TaskBatch:
 
     Optional provenance, for tests and debugging: `classes` [T, N] (index into the sampler's class array of the class
     given label j), `support_index` [T, N*K] / `query_index` [T, N*Q] (example index within its class), `rotations`
-    [T, N] (multiples of 90 degrees, counter-clockwise as torch.rot90), `amplitude` / `phase` [T] (sinusoid).
+    [T, N] (multiples of 90 degrees, counter-clockwise as torch.rot90), `amplitude` / `phase` [T] (sinusoid),
+    `alphabet` [T] (within-alphabet tasks: index into the sampler's `alphabet_names` of the task's alphabet).
     """
 
     support_x: torch.Tensor
@@ -38,6 +44,7 @@ class TaskBatch:
     rotations: torch.Tensor | None = None
     amplitude: torch.Tensor | None = None
     phase: torch.Tensor | None = None
+    alphabet: torch.Tensor | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -62,6 +69,51 @@ def check_count(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{name}={value!r}, expected an integer >= {minimum}")
     return int(value)
+
+
+@dataclass(frozen=True)
+class AlphabetGroups:
+    """The classes of a split grouped by alphabet, for `ways`-way within-alphabet tasks.
+
+    names: the alphabets with at least `ways` classes, sorted; members[i]: the class indices of names[i];
+    skipped: {alphabet: its class count} for the alphabets with fewer than `ways` classes (never drawn).
+    """
+
+    ways: int
+    names: tuple[str, ...]
+    members: tuple[np.ndarray, ...]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def notice(self) -> str:
+        """One line saying which alphabets are skipped (empty when none is)."""
+        if not self.skipped:
+            return ""
+        listed = ", ".join(f"{name} ({count})" for name, count in self.skipped.items())
+        return (f"within-alphabet {self.ways}-way tasks: {len(self.skipped)} alphabet(s) with fewer than {self.ways} "
+                f"characters skipped: {listed}; drawing from the other {len(self.names)}")
+
+
+def alphabet_groups(alphabets: Sequence[str], ways: int) -> AlphabetGroups:
+    """Group class indices by their alphabet label (alphabets[i]: the alphabet of class i); alphabets with fewer
+    than `ways` classes are skipped. ValueError naming `ways` and the largest alphabet when none has enough."""
+    ways = check_count("ways", ways, 1)
+    labels = [str(a) for a in alphabets]
+    if not labels:
+        raise ValueError("within-alphabet tasks need one alphabet label per class, got none")
+    by_alphabet: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_alphabet.setdefault(label, []).append(index)
+    names = sorted(by_alphabet)
+    kept = [a for a in names if len(by_alphabet[a]) >= ways]
+    if not kept:
+        largest = max(names, key=lambda a: (len(by_alphabet[a]), a))
+        raise ValueError(
+            f"no alphabet has ways={ways} characters for within-alphabet tasks: the largest, {largest}, has "
+            f"{len(by_alphabet[largest])} (of {len(names)} alphabets, {len(labels)} characters)"
+        )
+    return AlphabetGroups(ways=ways, names=tuple(kept),
+                          members=tuple(np.asarray(by_alphabet[a], dtype=np.int64) for a in kept),
+                          skipped={a: len(by_alphabet[a]) for a in names if len(by_alphabet[a]) < ways})
 
 
 class GeneratorState:
@@ -101,6 +153,8 @@ class TaskSampler(GeneratorState):
 
     images: uint8 [n_classes, n_per_class, H, W] or [n_classes, n_per_class, C, H, W], numpy or torch.
     preprocess: uint8 tensor -> float tensor on the device (default x/255).
+    alphabets / within_alphabet: one alphabet label per class; with within_alphabet=True every task's classes come
+    from one alphabet (see `alphabet_groups`): `alphabet_names`, `skipped_alphabets` and `batch.alphabet` say which.
     """
 
     def __init__(
@@ -113,6 +167,8 @@ class TaskSampler(GeneratorState):
         seed: int = 0,
         device: str | torch.device = "cpu",
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        alphabets: Sequence[str] | None = None,
+        within_alphabet: bool = False,
     ):
         super().__init__(seed, device)
         data = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
@@ -153,6 +209,30 @@ class TaskSampler(GeneratorState):
         n, k, q = self.ways, self.shots, self.queries
         self._support_y = torch.arange(n, device=self.device).repeat_interleave(k)
         self._query_y = torch.arange(n, device=self.device).repeat_interleave(q)
+        self.within_alphabet = bool(within_alphabet)
+        self.groups: AlphabetGroups | None = None
+        if alphabets is not None and len(alphabets) != n_classes:
+            raise ValueError(f"{len(alphabets)} alphabet labels for {n_classes} classes, expected one per class")
+        if self.within_alphabet:
+            if alphabets is None:
+                raise ValueError("within_alphabet=True needs alphabets=, one alphabet label per class")
+            self.groups = alphabet_groups(alphabets, self.ways)
+            # [G, largest] class indices of each alphabet, padded with 0 beyond its size [G]
+            sizes = [len(m) for m in self.groups.members]
+            members = torch.zeros(len(sizes), max(sizes), dtype=torch.int64)
+            for g, m in enumerate(self.groups.members):
+                members[g, : len(m)] = torch.from_numpy(m)
+            self._members, self._sizes = members.to(self.device), torch.tensor(sizes, device=self.device)
+
+    @property
+    def alphabet_names(self) -> tuple[str, ...]:
+        """The alphabets within-alphabet tasks are drawn from (batch.alphabet indexes them); () otherwise."""
+        return self.groups.names if self.groups else ()
+
+    @property
+    def skipped_alphabets(self) -> dict[str, int]:
+        """{alphabet: class count} of the alphabets too small for `ways`-way within-alphabet tasks."""
+        return dict(self.groups.skipped) if self.groups else {}
 
     def _draw_without_replacement(self, shape: tuple[int, ...], count: int) -> torch.Tensor:
         """`count` distinct values of range(shape[-1]) in random order, independently per leading index: the first
@@ -170,7 +250,15 @@ class TaskSampler(GeneratorState):
     def sample(self, tasks: int) -> TaskBatch:
         tasks = check_count("tasks", tasks, 1)
         n, k, q = self.ways, self.shots, self.queries
-        classes = self._draw_without_replacement((tasks, self.n_classes), n)  # [T, N]
+        alphabet = None
+        if self.within_alphabet:  # one alphabet per task, then N of its classes (padding sorts last: noise 2 > 1)
+            alphabet = torch.randint(0, len(self._sizes), (tasks,), generator=self.generator, device=self.device)
+            noise = torch.rand((tasks, self._members.shape[1]), generator=self.generator, device=self.device)
+            padding = torch.arange(self._members.shape[1], device=self.device) >= self._sizes[alphabet][:, None]
+            chosen = noise.masked_fill_(padding, 2.0).argsort(dim=-1)[:, :n]
+            classes = self._members[alphabet].gather(1, chosen)  # [T, N]
+        else:
+            classes = self._draw_without_replacement((tasks, self.n_classes), n)  # [T, N]
         examples = self._draw_without_replacement((tasks, n, self.n_per_class), k + q)  # [T, N, K+Q]
         if self.rotate:
             rotations = torch.randint(0, 4, (tasks, n), generator=self.generator, device=self.device)
@@ -188,18 +276,23 @@ class TaskSampler(GeneratorState):
             support_index=examples[:, :, :k].reshape(tasks, n * k),
             query_index=examples[:, :, k:].reshape(tasks, n * q),
             rotations=rotations,
+            alphabet=alphabet,
         )
 
     def __repr__(self) -> str:
         return (
             f"TaskSampler({self.n_classes} classes x {self.n_per_class}, {list(self.example_shape)}, ways={self.ways}, "
-            f"shots={self.shots}, queries={self.queries}, rotate={self.rotate}, seed={self.seed}, device={self.device})"
+            f"shots={self.shots}, queries={self.queries}, rotate={self.rotate}, seed={self.seed}, device={self.device}"
+            + (f", within {len(self.alphabet_names)} alphabets" if self.within_alphabet else "") + ")"
         )
 
 
 def omniglot_sampler(split_images, ways: int, shots: int, queries: int, rotate: bool = False, seed: int = 0,
-                     device: str | torch.device = "cpu") -> TaskSampler:
-    """A sampler over one Omniglot split (uint8 [n, 20, 28, 28]) with the Omniglot preprocessing 1 - x/255."""
+                     device: str | torch.device = "cpu", alphabets: Sequence[str] | None = None,
+                     within_alphabet: bool = False) -> TaskSampler:
+    """A sampler over one Omniglot split (uint8 [n, 20, 28, 28]) with the Omniglot preprocessing 1 - x/255.
+
+    alphabets: the alphabet of each class of the split (`omniglot_split_alphabets`), for within_alphabet=True."""
     return TaskSampler(split_images, ways, shots, queries, rotate=rotate, seed=seed, device=device,
-                       preprocess=invert_uint8)
+                       preprocess=invert_uint8, alphabets=alphabets, within_alphabet=within_alphabet)
 

@@ -1,9 +1,11 @@
 """Named MAML-RL configurations, every setting with its source, and `--key value` overrides.
 
 Sources: "paper" = Finn, Abbeel & Levine 2017 (section 5.3, appendix A.2); "cbfinn" = cbfinn/maml_rl at 9c8e2eb
-(maml_examples/maml_trpo_point.py, test_maml_point.py, sandbox/rocky/tf/algos); "pytorch-maml-rl" =
-tristandeleu/pytorch-maml-rl at 21d4ba1 (configs/maml/2d-navigation.yaml, maml_rl/). Where they differ, the
-source column says which one we follow and what the others use.
+(maml_examples/maml_trpo_point.py, test_maml_point.py, sandbox/rocky/tf/algos; for the half-cheetah:
+cluster_maml_trpo_cheetah.py, test_maml_cheetah.py, rllab/envs/mujoco/half_cheetah_env_rand*.py); "pytorch-maml-rl" =
+tristandeleu/pytorch-maml-rl at 21d4ba1 (configs/maml/2d-navigation.yaml, halfcheetah-vel.yaml, halfcheetah-dir.yaml,
+maml_rl/). Where they differ, the source column says which one we follow and what the others use. The half-cheetah
+configs' own settings are the `halfcheetah.*` entries.
 """
 
 from __future__ import annotations
@@ -92,13 +94,50 @@ SOURCES = {
                     "old); the same Hessian at the old policy)",
     "surrogate_mean": "mean over each task's steps taken, then over tasks (cbfinn tf.reduce_mean over the task's "
                       "samples; pytorch-maml-rl averages per trajectory first)",
+    # ---- halfcheetah-vel / halfcheetah-dir (trainer/rl/halfcheetah.py, docs/results/halfcheetah/README.md) ----
+    "halfcheetah.env": "gymnasium HalfCheetah-v5 physics (model, frame_skip 5, dt 0.05, reset noise, 17-value "
+                       "observation without x) with pytorch-maml-rl's HalfCheetahVel/DirEnv rewards: velocity = "
+                       "x displacement of qpos[0] / dt, ctrl cost 0.5 * 1e-1 * sum(clip(a)^2), no termination; "
+                       "goal velocity ~ U[0, 2] (paper 5.3, cbfinn post-ICML sample_goals), direction +-1 with "
+                       "probability 1/2 (pytorch-maml-rl; cbfinn: U[0, 2] < 1 -> backward)",
+    "halfcheetah.actions": "the policy acts in the simulator's units, clipped to [-1, 1] (cbfinn: rllab normalize is "
+                           "the identity on [-1, 1]; pytorch-maml-rl: normalization_scale 10, policy output in "
+                           "[-10, 10] mapped to [-1, 1], so its init_std 1 is 0.1 here)",
+    "halfcheetah.hidden": "paper A.2 and cbfinn cluster_maml_trpo_cheetah.py: (100, 100) ReLU (pytorch-maml-rl's "
+                          "yaml: 64, 64 tanh)",
+    "halfcheetah.init_std": "cbfinn (MAMLGaussianMLPPolicy init_std 1 in [-1, 1] action units); pytorch-maml-rl 1.0 "
+                            "in its x10 action units",
+    "halfcheetah.inner_lr": "paper 5.3 (alpha 0.1), cbfinn fast_lr 0.1, pytorch-maml-rl fast-lr 0.1",
+    "halfcheetah.eval_lr": "paper A.2: 0.05 after the first step (cbfinn test_maml_cheetah.py: VPG 0.1, then "
+                           "0.5 * 0.1)",
+    "halfcheetah.meta_batch": "paper A.2: 40 tasks for locomotion; cbfinn cluster script [40, 80]; pytorch-maml-rl "
+                              "meta-batch-size 40",
+    "halfcheetah.trajectories": "paper 5.3: 20 rollouts per gradient step; cbfinn fast_batch_size 20 (its test "
+                                "checkpoint: fbs10); pytorch-maml-rl fast-batch-size 20",
+    "halfcheetah.horizon": "paper 5.3: H = 200; cbfinn max_path_length 200 (pytorch-maml-rl's yaml: "
+                           "max_episode_steps 100, its wrapper's default 200)",
+    "halfcheetah.max_kl": "paper A.2, cbfinn meta_step_size 0.01, pytorch-maml-rl max-kl 1e-2 (cg-iters 10, "
+                          "cg-damping 1e-5, ls 15 x 0.8 as navigation)",
+    "halfcheetah.iterations": "paper A.2: up to 500 meta-iterations, best iterate evaluated (cbfinn n_itr 1000; "
+                              "pytorch-maml-rl num-batches 500)",
+    "halfcheetah.eval": "cbfinn test_maml_cheetah.py: 40 test goals, batch_size 4000 = 20 trajectories of 200 steps "
+                        "per step, 3 VPG steps (paper Fig. 5: returns after 0-3 steps)",
+    "halfcheetah.checkpoint_every": "5 meta-iterations (about 1 min each on one core): a session cut short loses "
+                                    "little; --max_seconds also saves when it stops",
 }
 
 RL_CONFIGS: dict[str, RLConfig] = {
     "navigation-2d": RLConfig(),
+    # the locomotion settings (SOURCES["halfcheetah.*"]); everything else as navigation-2d
+    "halfcheetah-vel": RLConfig(name="halfcheetah-vel", env="halfcheetah-vel", meta_batch=40, trajectories=20,
+                                horizon=200, inner_lr=0.1, eval_lr=0.05, max_kl=1e-2, iterations=500,
+                                checkpoint_every=5),
+    "halfcheetah-dir": RLConfig(name="halfcheetah-dir", env="halfcheetah-dir", meta_batch=40, trajectories=20,
+                                horizon=200, inner_lr=0.1, eval_lr=0.05, max_kl=1e-2, iterations=500,
+                                checkpoint_every=5),
 }
 
-ENVIRONMENTS = ("navigation-2d",)
+ENVIRONMENTS = ("navigation-2d", "halfcheetah-vel", "halfcheetah-dir")
 
 
 def check_config(cfg: RLConfig) -> RLConfig:

@@ -20,10 +20,13 @@ def sample_trajectories(env, spec: PolicySpec, params: dict[str, torch.Tensor], 
                         generator: torch.Generator) -> Trajectories:
     """B trajectories per task with the policy `params` (shared, or stacked over the T tasks).
 
-    Action noise comes from `generator` (CPU), so a round is a function of the parameters and the generator state.
+    Action noise (and an environment's initial-state noise) comes from `generator` (CPU), so a round is a function
+    of the parameters and the generator state.
     """
     n_tasks, horizon = tasks.shape[0], env.horizon
-    obs = env.reset(tasks, batch)
+    # an environment with a random initial state (half-cheetah) draws it from the same generator, before any action
+    random_start = getattr(env, "reset_uses_generator", False)
+    obs = env.reset(tasks, batch, generator) if random_start else env.reset(tasks, batch)
     observations = torch.zeros(n_tasks, batch, horizon, env.obs_dim)
     actions = torch.zeros(n_tasks, batch, horizon, env.act_dim)
     rewards = torch.zeros(n_tasks, batch, horizon)

@@ -2,8 +2,8 @@
 
 Each iteration draws `meta_batch` goals, samples `trajectories` trajectories per goal with the meta-policy, takes
 the VPG inner step per task, samples as many trajectories with each adapted policy, and makes one TRPO step
-through the inner step. Everything random (goals, action noise) comes from one seeded torch.Generator whose state
-is saved with the parameters, so `--resume` continues the uninterrupted run exactly.
+through the inner step. Everything random (goals, action noise, initial states) comes from one seeded
+torch.Generator whose state is saved with the parameters, so `--resume` continues the uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ LOG_FILE = "log.jsonl"
 def make_env(cfg: RLConfig):
     if cfg.env == "navigation-2d":
         return Navigation2D(horizon=cfg.horizon)
-    raise ValueError(f"env {cfg.env!r}, expected navigation-2d")
+    if cfg.env in ("halfcheetah-vel", "halfcheetah-dir"):  # MuJoCo is imported only for these
+        from trainer.rl.halfcheetah import HalfCheetahDir, HalfCheetahVel
+
+        return HalfCheetahVel(horizon=cfg.horizon) if cfg.env == "halfcheetah-vel" else HalfCheetahDir(cfg.horizon)
+    raise ValueError(f"env {cfg.env!r}, expected navigation-2d, halfcheetah-vel or halfcheetah-dir")
 
 
 def policy_spec(cfg: RLConfig, env) -> PolicySpec:
