@@ -5,9 +5,11 @@ notice), reads the Omniglot evaluation alphabets (characters never seen in train
 ${FASTADAPT_OMNIGLOT:-../shared/data/omniglot}/images_evaluation.zip, decodes each PNG, resizes it to 28x28 with
 LANCZOS and sends it as uint8 (the server applies the model's preprocessing). Runs seeded tasks of 5-way 1-shot
 (omniglot-5w1s) and 20-way 1-shot (omniglot-20w1s), each with a fixed number of query images per class, through
-AdaptAndPredict from one client, then prints accuracy with a 95% confidence interval and the round-trip latency
-percentiles per model, and stops the server with SIGTERM. `--out DIR` writes DIR/demo.json and DIR/demo.md: the
-results with the command, the hardware, the device and the backend (`make demo` writes results/demo/).
+AdaptAndPredict from one client, of two kinds per model: random characters, and within-alphabet tasks (all N
+characters from one alphabet, harder: what a user adapting to one new script faces), then prints accuracy with a
+95% confidence interval and the round-trip latency percentiles per model and kind, and stops the server with
+SIGTERM. `--out DIR` writes DIR/demo.json and DIR/demo.md: the results with the command, the hardware, the device
+and the backend (`make demo` writes results/demo/).
 
 Against a TLS + token server: --tls-cert/--tls-key [--tls-client-ca] and --auth-tokens go to the server it starts,
 --token (or $FASTADAPT_TOKEN), --ca, --client-cert/--client-key to its client; --ca defaults to --tls-cert (right for
@@ -36,6 +38,8 @@ from tqdm import tqdm
 from kernels.engine import BACKENDS
 from server.client import FastAdaptClient, add_connection_args, connection_kwargs, load_image
 from server.launch import REPO_ROOT, ServerProcess, prepare_model_dir
+from trainer.data.omniglot import alphabet_of
+from trainer.data.sampler import AlphabetGroups, alphabet_groups
 
 DEMO_MODELS = (("omniglot-5w1s", 5, 1), ("omniglot-20w1s", 20, 1))  # (model, ways, shots)
 TRAIN_COMMANDS = {"omniglot-5w1s": "make train-omniglot", "omniglot-20w1s": "make train-omniglot-20w"}
@@ -63,9 +67,16 @@ def load_evaluation_characters(root: Path, progress: bool = True) -> dict[str, n
     return {name: np.stack(imgs) for name, imgs in sorted(images.items())}
 
 
-def sample_task(characters: dict[str, np.ndarray], names: list[str], rng, ways: int, shots: int, queries: int):
-    """N random characters; K support and `queries` query drawings of each (distinct drawers). Labels 0..N-1."""
-    chosen = rng.choice(len(names), size=ways, replace=False)
+def sample_task(characters: dict[str, np.ndarray], names: list[str], rng, ways: int, shots: int, queries: int,
+                groups: AlphabetGroups | None = None):
+    """N random characters; K support and `queries` query drawings of each (distinct drawers). Labels 0..N-1.
+
+    groups (`alphabet_groups` of the names' alphabets): a within-alphabet task, the N characters from one alphabet
+    drawn uniformly among those with at least N characters."""
+    if groups is None:
+        chosen = rng.choice(len(names), size=ways, replace=False)
+    else:
+        chosen = rng.choice(groups.members[rng.integers(len(groups.names))], size=ways, replace=False)
     support_x, support_y, query_x, query_y = [], [], [], []
     for label, index in enumerate(chosen):
         drawings = characters[names[index]]
@@ -84,21 +95,26 @@ def mean_ci95(values) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def run_model(client, characters, model, ways, shots, queries, tasks, seed, warmup, progress=True) -> dict:
+def run_model(client, characters, model, ways, shots, queries, tasks, seed, warmup, progress=True,
+              within_alphabet: bool = False) -> dict:
     names = list(characters)
     if ways > len(names):
         raise ValueError(f"{ways}-way tasks need {ways} characters, the evaluation set has {len(names)}")
+    groups = alphabet_groups([alphabet_of(n) for n in names], ways) if within_alphabet else None
+    if groups is not None and groups.skipped:
+        print(f"NOTICE: {model}: {groups.notice()}")
+    kind = "within-alphabet" if within_alphabet else "random"
     smallest = min(len(v) for v in characters.values())
     if shots + queries > smallest:
         raise ValueError(f"{shots} shots + {queries} queries per class, but some characters have only {smallest}")
     warm_rng = np.random.default_rng(seed + 10_000)
     for _ in range(warmup):  # first calls pay one-time costs (allocators, autograd, kernel caches)
-        sx, sy, qx, _ = sample_task(characters, names, warm_rng, ways, shots, queries)
+        sx, sy, qx, _ = sample_task(characters, names, warm_rng, ways, shots, queries, groups)
         client.adapt_and_predict(model, sx, sy, qx, keep=False)
     rng = np.random.default_rng(seed)
     accuracies, latencies, server_ms = [], [], []
-    for _ in tqdm(range(tasks), desc=f"{model}: {ways}-way {shots}-shot", disable=not progress, unit="task"):
-        sx, sy, qx, qy = sample_task(characters, names, rng, ways, shots, queries)
+    for _ in tqdm(range(tasks), desc=f"{model}: {kind} {ways}-way {shots}-shot", disable=not progress, unit="task"):
+        sx, sy, qx, qy = sample_task(characters, names, rng, ways, shots, queries, groups)
         start = time.perf_counter()
         adapted, prediction = client.adapt_and_predict(model, sx, sy, qx, keep=False)
         latencies.append((time.perf_counter() - start) * 1e3)
@@ -106,11 +122,14 @@ def run_model(client, characters, model, ways, shots, queries, tasks, seed, warm
         accuracies.append(float(np.mean(prediction.labels == qy)))
     acc, ci = mean_ci95(accuracies)
     p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
-    return {
+    row = {
         "model": model, "ways": ways, "shots": shots, "queries_per_class": queries, "tasks": tasks, "seed": seed,
         "accuracy": acc, "ci95": ci, "latency_ms": {"p50": p50, "p90": p90, "p99": p99},
-        "server_ms_p50": float(np.median(server_ms)), "steps": adapted.steps,
+        "server_ms_p50": float(np.median(server_ms)), "steps": adapted.steps, "task_kind": kind,
     }
+    if groups is not None:
+        row.update(alphabets=len(groups.names), skipped_alphabets=groups.skipped)
+    return row
 
 
 def format_table(rows: list[dict], fresh: list[str]) -> str:
@@ -121,7 +140,8 @@ def format_table(rows: list[dict], fresh: list[str]) -> str:
     for r in rows:
         lat = r["latency_ms"]
         lines.append(
-            f"| {r['model']} | {r['ways']}-way {r['shots']}-shot, {r['steps']} steps | "
+            f"| {r['model']} | {r['ways']}-way {r['shots']}-shot"
+            f"{' within-alphabet' if r.get('task_kind') == 'within-alphabet' else ''}, {r['steps']} steps | "
             f"{r['queries_per_class']}/class | {100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}% | "
             f"{lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} | {r['server_ms_p50']:.1f} | "
             f"{'FRESH INIT (untrained)' if r['model'] in fresh else 'bundled'} |"
@@ -165,10 +185,12 @@ def format_markdown(record: dict) -> str:
         f"- Server: device {record['device']}, backend {record['backend']}"
         + (f", precision {record['precision']}" if record.get("precision") else "")
         + f"; stopped with SIGTERM, exit code {record['server_exit_code']}",
-        f"- {s['tasks']} seeded tasks per model (seed {s['seed']}, after {s['warmup_tasks']} untimed ones) on the "
-        f"held-out images_evaluation characters, {s['queries_per_class']} query images per class, real PNGs sent as "
-        "uint8, one client, AdaptAndPredict round trips over loopback gRPC; accuracy: mean over tasks with its 95% "
-        "confidence interval (1.96 standard errors)",
+        f"- {s['tasks']} seeded tasks per model and task kind (seed {s['seed']}, after {s['warmup_tasks']} untimed "
+        f"ones) on the held-out images_evaluation characters, {s['queries_per_class']} query images per class, real "
+        "PNGs sent as uint8, one client, AdaptAndPredict round trips over loopback gRPC; accuracy: mean over tasks "
+        "with its 95% confidence interval (1.96 standard errors)",
+        "- Task kinds: N random characters; `within-alphabet`: all N characters from one alphabet (uniformly among "
+        "the alphabets with at least N characters), usually harder: what a user adapting to one new script faces",
     ]
     if fresh:
         lines.append(f"- FRESH, UNTRAINED initializations served for {', '.join(fresh)}: their accuracy says nothing "
@@ -232,11 +254,13 @@ def main(argv: list[str] | None = None) -> int:
                     info = served[model]
                     print(f"{model}: {info['arch']}, {info['ways']}-way, {info['default_steps']} steps at lr "
                           f"{info['default_inner_lr']:g}, batch norm '{info['bn_policy']}'")
-                    rows.append(run_model(client, characters, model, ways, shots, args.queries_per_class,
-                                          args.tasks, args.seed, args.warmup_tasks, progress))
+                    for within in (False, True):
+                        rows.append(run_model(client, characters, model, ways, shots, args.queries_per_class,
+                                              args.tasks, args.seed, args.warmup_tasks, progress, within))
             code = server.stop()
     print()
-    print(f"{args.tasks} seeded tasks per model (seed {args.seed}), {args.queries_per_class} query images per class, "
+    print(f"{args.tasks} seeded tasks per model and kind (seed {args.seed}), {args.queries_per_class} query images "
+          "per class, "
           "one client, AdaptAndPredict round trips over loopback gRPC:")
     print(format_table(rows, fresh))
     print(f"server stopped with SIGTERM, exit code {code}")

@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         else:
             sampler, data = _other_sampler(args, model)
     except ValueError as exc:  # the split cannot hold these tasks: ways, shots + queries, alphabets too small
-        p.error(f"{kind} {args.ways}-way {args.shots}-shot tasks with {args.queries} queries: {exc}")
+        p.error(f"{kind} {args.ways}-way {args.shots}-shot tasks (queries {args.queries} per class): {exc}")
     groups = getattr(sampler, "groups", None)
     if groups is not None and groups.skipped:
         warnings.append(groups.notice())
