@@ -16,22 +16,31 @@ import numpy as np
 import pytest
 import torch
 
+from models.policy import PolicySpec, init_policy, load_policy
+from models.policy_adapt import adapt_policy
+from trainer.rl.config import RL_CONFIGS, SOURCES, rl_config_from_args
+from trainer.rl.halfcheetah import HalfCheetahDir, HalfCheetahVel, load_halfcheetah_v5
+from trainer.rl.sampler import sample_trajectories
+from trainer.rl.train import RLTrainer, make_env, policy_spec
+
 try:
     import gymnasium  # noqa: F401
     import mujoco  # noqa: F401
-except ImportError as exc:  # a failure, not a skip: the half-cheetah environments are part of the project
-    pytest.fail(f"MuJoCo physics unavailable ({exc}): install the pinned wheels with "
-                "`.venv/bin/pip install -r requirements.txt` (gymnasium[mujoco], mujoco)", pytrace=False)
 
-from models.policy import PolicySpec, init_policy, load_policy  # noqa: E402
-from models.policy_adapt import adapt_policy  # noqa: E402
-from trainer.rl.config import RL_CONFIGS, SOURCES, rl_config_from_args  # noqa: E402
-from trainer.rl.halfcheetah import HalfCheetahDir, HalfCheetahVel, load_halfcheetah_v5  # noqa: E402
-from trainer.rl.sampler import sample_trajectories  # noqa: E402
-from trainer.rl.train import RLTrainer, make_env, policy_spec  # noqa: E402
+    MISSING = ""
+except ImportError as exc:
+    MISSING = (f"MuJoCo physics unavailable ({exc}): install the pinned wheels with "
+               "`.venv/bin/pip install -r requirements.txt` (gymnasium[mujoco], mujoco)")
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = PolicySpec("hc-test", "halfcheetah-vel", 17, 6, hidden=(8, 8), action_low=-1.0, action_high=1.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def physics():
+    """Every test here fails (not skips) without the wheels: the half-cheetah environments are part of the project."""
+    if MISSING:
+        pytest.fail(MISSING, pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,8 @@ def direc():
 
 
 def start(env, tasks, batch=1, seed=0):
-    return env.reset(torch.tensor(tasks, dtype=torch.float64).reshape(-1, 1), batch, torch.Generator().manual_seed(seed))
+    tasks = torch.tensor(tasks, dtype=torch.float64).reshape(-1, 1)
+    return env.reset(tasks, batch, torch.Generator().manual_seed(seed))
 
 
 def test_v5_settings_sizes_and_bounds(vel):
@@ -146,7 +156,6 @@ def test_batched_steps_equal_each_episode_stepped_alone(vel):
 
 def test_goal_sampling_ranges():
     g = torch.Generator().manual_seed(0)
-    goals = HalfCheetahVel.__wrapped__ if False else None  # noqa: F841 (no such attribute; keeps flake quiet)
     env_v, env_d = make_env(RL_CONFIGS["halfcheetah-vel"]), make_env(RL_CONFIGS["halfcheetah-dir"])
     v = env_v.sample_tasks(4000, g)
     assert v.shape == (4000, 1) and v.dtype == torch.float64
