@@ -65,10 +65,10 @@ loadtest-cluster: setup
 bench: setup
 	$(PY) -m kernels.bench --out $(RESULTS)/bench
 
-# Serving cost of a recipe: the bundled MAML 20-way model against BUNDLE_ANIL (an ANIL checkpoint of the same arch).
-BUNDLE_ANIL ?= docs/results/omniglot-20w1s-anil/model.pt
+# Serving cost of a recipe: the earlier MAML 20-way model against the bundled ANIL one (same architecture).
+MAML_20W ?= docs/results/omniglot-20w1s-background/maml.pt
 bench-recipes: setup
-	$(PY) -m kernels.bench.recipes models/zoo/omniglot-20w1s.pt $(BUNDLE_ANIL) --out $(RESULTS)/bench-recipes
+	$(PY) -m kernels.bench.recipes $(MAML_20W) models/zoo/omniglot-20w1s.pt --out $(RESULTS)/bench-recipes
 
 # One-image Predict on 1-shot vs 5-shot adaptations: stored support statistics vs the support rows re-forwarded.
 predict-cost: setup
