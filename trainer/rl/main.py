@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.bench.flops import cpu_name
 from models.policy import init_policy, save_policy
 from trainer.rl.config import SOURCES, rl_config_from_args
 from trainer.rl.evaluate import evaluate_policy, step_lrs
@@ -38,14 +38,6 @@ PROTOCOL_NOTE = (
 )
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def evaluate(trainer: RLTrainer, params) -> dict:

@@ -13,7 +13,7 @@ import torch
 from models.policy import PolicySpec, policy_forward
 from models.policy_adapt import Trajectories  # the layout lives in models: the server's inner step reads it too
 
-__all__ = ["Trajectories", "sample_trajectories"]
+__all__ = ["Trajectories", "rollout", "sample_trajectories"]
 
 
 def sample_trajectories(env, spec: PolicySpec, params: dict[str, torch.Tensor], tasks: torch.Tensor, batch: int,
@@ -23,6 +23,14 @@ def sample_trajectories(env, spec: PolicySpec, params: dict[str, torch.Tensor], 
     Action noise (and an environment's initial-state noise) comes from `generator` (CPU), so a round is a function
     of the parameters and the generator state.
     """
+    params = {k: v.detach() for k, v in params.items()}
+    with torch.no_grad():
+        return rollout(env, lambda obs: policy_forward(spec, params, obs), tasks, batch, generator)
+
+
+def rollout(env, act, tasks: torch.Tensor, batch: int, generator: torch.Generator) -> Trajectories:
+    """The sampling loop for any policy: `act(obs [T, B, obs_dim]) -> (mean, log_std)`, Gaussian actions drawn from
+    `generator` (the trainer's policy forward, or a served policy through the wire: the same noise draws)."""
     n_tasks, horizon = tasks.shape[0], env.horizon
     # an environment with a random initial state (half-cheetah) draws it from the same generator, before any action
     random_start = getattr(env, "reset_uses_generator", False)
@@ -32,19 +40,17 @@ def sample_trajectories(env, spec: PolicySpec, params: dict[str, torch.Tensor], 
     rewards = torch.zeros(n_tasks, batch, horizon)
     lengths = torch.zeros(n_tasks, batch, dtype=torch.int64)
     alive = torch.ones(n_tasks, batch, dtype=torch.bool)
-    params = {k: v.detach() for k, v in params.items()}
-    with torch.no_grad():
-        for t in range(horizon):
-            mean, log_std = policy_forward(spec, params, obs)
-            noise = torch.randn(mean.shape, generator=generator)
-            action = mean + torch.exp(log_std) * noise
-            keep = alive.unsqueeze(-1)
-            observations[:, :, t] = torch.where(keep, obs, 0.0)
-            actions[:, :, t] = torch.where(keep, action, 0.0)
-            obs, reward, done = env.step(action)
-            rewards[:, :, t] = torch.where(alive, reward, 0.0)
-            lengths += alive.to(torch.int64)
-            alive = alive & ~done
-            if not alive.any():
-                break
+    for t in range(horizon):
+        mean, log_std = act(obs)
+        noise = torch.randn(mean.shape, generator=generator)
+        action = mean + torch.exp(log_std) * noise
+        keep = alive.unsqueeze(-1)
+        observations[:, :, t] = torch.where(keep, obs, 0.0)
+        actions[:, :, t] = torch.where(keep, action, 0.0)
+        obs, reward, done = env.step(action)
+        rewards[:, :, t] = torch.where(alive, reward, 0.0)
+        lengths += alive.to(torch.int64)
+        alive = alive & ~done
+        if not alive.any():
+            break
     return Trajectories(observations, actions, rewards, lengths)
