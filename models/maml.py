@@ -117,11 +117,8 @@ def adapt(
     if track:
         with torch.no_grad():
             out = forward(spec, fast, support_x)
-            losses.append(task_losses(spec, out, support_y, shots))
-            if not spec.is_regression:
-                accs.append(task_accuracy(out, support_y))
-        result.support_loss = torch.stack(losses)
-        result.support_accuracy = torch.stack(accs) if accs else None
+            _record(spec, out, task_losses(spec, out, support_y, shots), support_y, losses, accs)
+        _finish_tracking(result, losses, accs)
     return result
 
 
@@ -130,6 +127,11 @@ def _record(spec: ModelSpec, out, per_task, support_y, losses: list, accs: list)
     losses.append(per_task)
     if not spec.is_regression:
         accs.append(task_accuracy(out, support_y))
+
+
+def _finish_tracking(result: AdaptResult, losses: list, accs: list) -> None:
+    result.support_loss = torch.stack(losses)  # [steps + 1, T]
+    result.support_accuracy = torch.stack(accs) if accs else None
 
 
 def _step_rates(keys, lr, step_lrs, step: int) -> list:
@@ -198,11 +200,8 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
     if track:
         with torch.no_grad():
             out = head_logits(fast, feats.detach()) if head_only else forward(spec, fast, support_x)
-            losses.append(task_losses(spec, out, support_y, shots))
-            if not spec.is_regression:
-                accs.append(task_accuracy(out, support_y))
-        result.support_loss = torch.stack(losses)
-        result.support_accuracy = torch.stack(accs) if accs else None
+            _record(spec, out, task_losses(spec, out, support_y, shots), support_y, losses, accs)
+        _finish_tracking(result, losses, accs)
     return result
 
 
