@@ -23,7 +23,7 @@ from models.policy import PolicyModel
 from server import policy, validation
 from server.runner import AdaptJob, PredictJob
 from server.status import InvalidArgument, clip
-from server.wire import TensorFormatError, decode, encode, pb
+from server.wire import encode, pb
 
 __all__ = ["adapt_and_predict", "adapt_job", "check_exportable", "describe", "model_kind", "policy_info", "predict",
            "predict_target", "routes_elsewhere"]
@@ -86,7 +86,7 @@ async def predict_target(service, request):
 def regressor_inputs(message, field: str, path: str, model, rows: str, max_rows: int) -> np.ndarray:
     """FLOAT32 inputs [n, *input_shape] of a regressor (uint8 pixels mean nothing to it)."""
     if message.HasField(field) and getattr(message, field).dtype != pb.FLOAT32:
-        shape = "[" + ", ".join([rows, *map(str, model.spec.input_shape)]) + "]"
+        shape = validation.shape_text(rows, model)
         raise InvalidArgument(f"{path}.dtype is {pb.DType.Name(getattr(message, field).dtype)}, expected FLOAT32 "
                               f"{shape} for regressor model {model.name} ({model.spec.preprocessing})")
     return validation.images(message, field, path, model, rows, max_rows)
@@ -94,22 +94,13 @@ def regressor_inputs(message, field: str, path: str, model, rows: str, max_rows:
 
 def support_targets(request, path: str, model, rows: int) -> np.ndarray:
     out_dim, field = model.spec.ways, f"{path}support_targets"
-    if not request.HasField("support_targets"):
-        raise InvalidArgument(f"{field} is missing, expected a FLOAT32 Tensor [{rows}, {out_dim}] (one target per "
-                              f"{path}support_x row) for regressor model {model.name}")
-    try:
-        y = decode(request.support_targets, field)
-    except TensorFormatError as exc:
-        raise InvalidArgument(str(exc)) from None
+    y = validation.tensor(request, "support_targets", field, f"a FLOAT32 Tensor [{rows}, {out_dim}] (one target per "
+                          f"{path}support_x row) for regressor model {model.name}")
     if y.dtype != np.float32 or y.shape != (rows, out_dim):
         raise InvalidArgument(f"{field} is {pb.DType.Name(request.support_targets.dtype)} {list(y.shape)}, expected "
                               f"FLOAT32 [{rows}, {out_dim}] (one target per {path}support_x row) for regressor model "
                               f"{model.name}")
-    finite = np.isfinite(y)
-    if not finite.all():
-        bad = np.flatnonzero(~finite.reshape(-1))
-        raise InvalidArgument(f"{field} holds {bad.size} non-finite values (NaN or Inf), the first at flat index "
-                              f"{bad[0]} = {y.reshape(-1)[bad[0]]}; expected finite targets")
+    validation.finite(y, field, "targets")
     return y
 
 

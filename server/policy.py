@@ -21,9 +21,10 @@ import torch
 
 from models.policy import PolicyModel, policy_forward
 from models.policy_adapt import Trajectories, adapt_policy
-from server.runner import AdaptOutcome
+from server import validation
+from server.runner import AdaptOutcome, finite_per_task
 from server.status import InvalidArgument
-from server.wire import TensorFormatError, decode, encode, pb
+from server.wire import encode, pb
 
 MAX_TRAJECTORIES = 1000  # B per request
 MAX_HORIZON = 10_000  # H per request
@@ -34,12 +35,7 @@ OPS = ("policy-adapt", "policy-act")
 # ---- validation (event loop, numpy only) ----------------------------------------------------------------------
 
 def _float32(message, field: str, path: str, expected: str) -> np.ndarray:
-    if not message.HasField(field):
-        raise InvalidArgument(f"{path} is missing, expected a FLOAT32 Tensor {expected}")
-    try:
-        array = decode(getattr(message, field), path)
-    except TensorFormatError as exc:
-        raise InvalidArgument(str(exc)) from None
+    array = validation.tensor(message, field, path, f"a FLOAT32 Tensor {expected}")
     if array.dtype != np.float32:
         raise InvalidArgument(f"{path}.dtype is {pb.DType.Name(getattr(message, field).dtype)}, expected FLOAT32 "
                               f"{expected}")
@@ -183,17 +179,12 @@ def _stack(arrays: list[np.ndarray], device) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).to(device)
 
 
-def _finite(tensors) -> np.ndarray:
-    flags = [torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1) for t in tensors]
-    return torch.stack(flags).all(dim=0).cpu().numpy()
-
-
 def _act(model: PolicyModel, params: dict[str, torch.Tensor], obs: list[np.ndarray], device) -> list:
     """Stacked policies [T, ...] on observations [Q, obs_dim] each (same Q): Actions or a refusal per task."""
     start = time.perf_counter()
     with torch.no_grad():
         mean, log_std = policy_forward(model.spec, params, _stack(obs, device))
-        ok = _finite([mean, log_std])
+        ok = finite_per_task([mean, log_std])
         mean, log_std = mean.float().cpu().numpy(), log_std.float().cpu().numpy()
     seconds = time.perf_counter() - start
     return [Actions(mean[i], log_std[i].reshape(-1), seconds) if ok[i] else InvalidArgument(
@@ -215,7 +206,7 @@ def adapt_batch(device, jobs: list[PolicyAdaptJob]) -> list:
     began = time.perf_counter()
     result = adapt_policy(model.spec, start, traj, first.lr)
     losses = result.surrogate.float().cpu().numpy()  # [2, T]; waits for the device
-    weights_ok = _finite(result.params.values())
+    weights_ok = finite_per_task(result.params.values())
     adapt_s = time.perf_counter() - began
     lr = model.inner_lr(first.lr)
     outcomes: list = []

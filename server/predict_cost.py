@@ -31,14 +31,11 @@ from models.maml import predict as reference_predict
 from models.preprocess import preprocess_uint8
 from models.runtime import allocator_state, tune_cpu_allocator
 from server.app import ServerConfig, start
+from server.cache import tensor_bytes
 from server.client import FastAdaptClient
 
 ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo"
 CASES = (("omniglot-5w1s", 5), ("omniglot-20w1s", 20))  # (bundled model, ways); both served with BN 'support'
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def p50_ms(samples: list[float]) -> float:

@@ -113,10 +113,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def _finite_per_task(tensors) -> torch.Tensor:
-    """[T] bool: every element of task t of every tensor [T, ...] is finite."""
+def finite_per_task(tensors) -> np.ndarray:
+    """[T] bool on the host: every element of task t of every tensor [T, ...] (torch, on any device) is finite."""
     flags = [torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1) for t in tensors if t is not None]
-    return torch.stack(flags).all(dim=0)
+    return torch.stack(flags).all(dim=0).cpu().numpy()
+
+
+def finite_rows(array: np.ndarray) -> np.ndarray:
+    """[T] bool: task t of a host array [T, ...] (logits already copied back) is finite."""
+    return np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
 
 
 def _select(tensors: dict | None, index: torch.Tensor) -> dict | None:
@@ -228,8 +233,8 @@ class BatchRunner:
             query_x = self.to_model_input(model, [j.query_x for j in jobs])
             result, out = self.engine.adapt_predict(model, support_x, support_y, query_x, steps=first.steps,
                                                     lr=first.lr, track=True)
-            logits_ok = _finite_per_task([out]).cpu().numpy()
             out = out.float().cpu().numpy()
+            logits_ok = finite_rows(out)
             logits = {i: out[i] for i in range(len(jobs))}
         else:
             result = self.engine.adapt(model, support_x, support_y, steps=first.steps, lr=first.lr, track=True)
@@ -238,7 +243,7 @@ class BatchRunner:
         accs = result.support_accuracy
         accs = np.zeros((0, losses.shape[1]), np.float32) if accs is None else accs.float().cpu().numpy()
         stats = result.stats
-        weights_ok = _finite_per_task([*result.params.values(), *(stats or {}).values()]).cpu().numpy()
+        weights_ok = finite_per_task([*result.params.values(), *(stats or {}).values()])
         adapt_s = time.perf_counter() - start
         refused = {i: divergence(job, losses[:, i], bool(weights_ok[i])) for i, job in enumerate(jobs)}
         refused = {i: why for i, why in refused.items() if why is not None}
@@ -284,8 +289,8 @@ class BatchRunner:
             query_x = self.to_model_input(model, [jobs[i].query_x for i in rows])
             start = time.perf_counter()
             out = self.engine.predict(model, fast, query_x, stats)
-            ok = _finite_per_task([out]).cpu().numpy()
             out = out.float().cpu().numpy()
+            ok = finite_rows(out)
             seconds = time.perf_counter() - start
             for j, i in enumerate(rows):
                 logits[i], predict_s[i], finite[i] = out[j], seconds, ok[j]
@@ -300,8 +305,8 @@ class BatchRunner:
         query_x = self.to_model_input(model, [j.query_x for j in jobs])
         start = time.perf_counter()
         out = self.engine.predict(model, fast, query_x, stats)
-        ok = _finite_per_task([out]).cpu().numpy()
         out = out.float().cpu().numpy()
+        ok = finite_rows(out)
         seconds = time.perf_counter() - start
         return [PredictOutcome(out[i], seconds) if ok[i] else non_finite_logits(model) for i in range(len(jobs))]
 

@@ -43,19 +43,38 @@ def check_request_size(request, rpc: str, limits: Limits) -> None:
         )
 
 
-def _shape_text(rows: str, model: MetaModel) -> str:
+def shape_text(rows: str, model: MetaModel) -> str:
     return "[" + ", ".join([rows, *map(str, model.spec.input_shape)]) + "]"
+
+
+def tensor(message, field: str, path: str, expected: str) -> np.ndarray:
+    """Decode the wire Tensor `message.<field>`; missing or malformed is INVALID_ARGUMENT (`expected`: what it
+    should have been, e.g. "a FLOAT32 Tensor [B, H, 2]"); `path` is the field's full name in messages."""
+    if not message.HasField(field):
+        raise InvalidArgument(f"{path} is missing, expected {expected}")
+    try:
+        return decode(getattr(message, field), path)
+    except TensorFormatError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def finite(array: np.ndarray, path: str, what: str) -> None:
+    """Refuse NaN / Inf in a decoded float array, naming the first."""
+    if array.dtype.kind != "f":
+        return
+    ok = np.isfinite(array)
+    if not ok.all():
+        bad = np.flatnonzero(~ok.reshape(-1))
+        raise InvalidArgument(
+            f"{path} holds {bad.size} non-finite values (NaN or Inf), the first at flat index {bad[0]} = "
+            f"{array.reshape(-1)[bad[0]]}; expected finite {what}"
+        )
 
 
 def images(message, field: str, path: str, model: MetaModel, rows: str, max_rows: int) -> np.ndarray:
     """Decode `message.<field>` as [rows, *input_shape] images; `path` is the field's full name in messages."""
-    expected = _shape_text(rows, model)
-    if not message.HasField(field):
-        raise InvalidArgument(f"{path} is missing, expected a Tensor {expected} of UINT8, FLOAT16 or FLOAT32")
-    try:
-        array = decode(getattr(message, field), path)
-    except TensorFormatError as exc:
-        raise InvalidArgument(str(exc)) from None
+    expected = shape_text(rows, model)
+    array = tensor(message, field, path, f"a Tensor {expected} of UINT8, FLOAT16 or FLOAT32")
     shape = model.spec.input_shape
     if array.ndim != 1 + len(shape) or tuple(array.shape[1:]) != shape:
         raise InvalidArgument(f"{path} has shape {list(array.shape)}, expected {expected} for model {model.name}")
@@ -63,14 +82,7 @@ def images(message, field: str, path: str, model: MetaModel, rows: str, max_rows
     if not 1 <= n <= max_rows:
         raise InvalidArgument(f"{path} has {n} rows ({rows}), expected 1 to {max_rows} for model {model.name}")
 
-    if array.dtype.kind == "f":
-        finite = np.isfinite(array)
-        if not finite.all():
-            bad = np.flatnonzero(~finite.reshape(-1))
-            raise InvalidArgument(
-                f"{path} holds {bad.size} non-finite values (NaN or Inf), the first at flat index {bad[0]} = "
-                f"{array.reshape(-1)[bad[0]]}; expected finite preprocessed input"
-            )
+    finite(array, path, "preprocessed input")
     return array
 
 
