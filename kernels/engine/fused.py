@@ -17,8 +17,10 @@ The support statistics a `support`-policy adaptation keeps (AdaptResult.stats) c
 support forward; predict takes them back (kernels.fused.stats.moment_sums) and forwards the query rows alone.
 
 On the CPU the same kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before the kernels are
-imported): no graphs, just launches; slow, for tests. mlp-* architectures and recipes the kernels do not implement
-(ANIL / no-BN adapted subsets, per-step rates) run on the reference backend (logged once).
+imported): no graphs, just launches; slow, for tests. Recipes run fused: ANIL (`adapt_params` 'head': one body
+forward, K head steps), MAML++'s `no-bn` (batch-norm parameters frozen: rate 0) and LSLR's learned per-step rates
+(per-element rate buffers of the model, kernels.fused.program.RecipeRates). mlp-* architectures and recipes the
+kernels do not implement (anything else recipe_options names) run on the reference backend (logged once).
 
 Environment: FASTADAPT_TRITON_PRECISION = ieee (default) | tf32x3 | tf32 selects tl.dot's input precision
 (tf32 trades ~1e-3 relative error in logits for tensor-core speed; tf32x3 is near fp32 at 3 tensor-core passes);
@@ -42,18 +44,22 @@ from kernels.fused.common import check_precision, kernels_interpreted
 from kernels.fused.program import (
     TRITON_ARCHS,
     AdaptProgram,
+    RecipeRates,
     max_rows_per_task,
     predict_conv4,
     workspace_bytes_per_task,
 )
 from kernels.fused.stats import moment_sums, moments_dict
 from models.checkpoint import MetaModel
-from models.functional import param_shapes
+from models.functional import adapted_keys, param_shapes
 from models.maml import AdaptResult
 from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-__all__ = ["TritonBackend", "task_bucket"]
+__all__ = ["FUSED_RECIPE", "TritonBackend", "task_bucket"]
+
+# recipe_options keys the fused program implements (adapt_keys: 'all', 'head' or 'no-bn'; step_lrs: LSLR)
+FUSED_RECIPE = frozenset({"adapt_keys", "step_lrs"})
 
 
 @dataclass
@@ -103,6 +109,7 @@ class TritonBackend:
         self.graphs: GraphCache[_Captured] = GraphCache(max_graphs, 2 * self.workspace_bytes, capture_after)
         self._reference = ReferenceBackend(self.device)  # what has no fused kernels
         self._meta_cache: dict[int, tuple[dict, tuple, dict]] = {}  # id(params) -> (params, tensors, checked)
+        self._recipe_cache: dict[int, tuple[dict, tuple, RecipeRates]] = {}  # id(step_lrs) -> (..., rates)
         self._lock = threading.Lock()
         self._noted_fallback: set[str] = set()
 
@@ -163,7 +170,7 @@ class TritonBackend:
 
     def _fallback(self, model: MetaModel) -> bool:
         arch = model.spec.arch
-        recipe = recipe_options(model)
+        recipe = set(recipe_options(model)) - FUSED_RECIPE
         if arch in TRITON_ARCHS and not recipe:
             return False
         what = arch if arch not in TRITON_ARCHS else f"{arch} with {', '.join(sorted(recipe))}"
@@ -172,6 +179,30 @@ class TritonBackend:
             log.warning("backend 'triton' has no fused kernels for %s (model %s): using the reference path",
                         what, model.name)
         return True
+
+    def _recipe(self, model: MetaModel) -> RecipeRates | None:
+        """The model's recipe rates as per-element buffers on the device, built once per model (the step rates are
+        a checkpoint's constants: a captured graph reads them at their addresses, part of the key). None: plain
+        MAML / Meta-SGD, or ANIL with no per-step rates (the head-only program reads lr as it is)."""
+        spec, step_lrs = model.spec, model.step_lrs
+        shapes = param_shapes(spec)
+        frozen = frozenset()
+        if spec.adapt_params not in ("all", "head"):
+            frozen = frozenset(shapes) - set(adapted_keys(spec, spec.adapt_params))
+        if step_lrs is None:
+            return RecipeRates(frozen) if frozen else None
+        hit = self._recipe_cache.get(id(step_lrs))
+        if hit is not None and hit[0] is step_lrs and all(a is b for a, b in zip(hit[1], step_lrs.values())):
+            return hit[2]
+        count = max(v.shape[0] for v in step_lrs.values())
+        per_step = tuple(
+            {k: torch.full(shapes[k], float(v[min(s, v.shape[0] - 1)]), device=self.device)
+             for k, v in step_lrs.items()} for s in range(count))
+        rates = RecipeRates(frozen, per_step)
+        if len(self._recipe_cache) > 16:
+            self._recipe_cache.clear()
+        self._recipe_cache[id(step_lrs)] = (step_lrs, tuple(step_lrs.values()), rates)
+        return rates
 
     def _checked_meta(self, model: MetaModel, params: dict | None = None) -> dict[str, torch.Tensor]:
         """The meta-initialization (or Meta-SGD rates) checked and contiguous, remembered while it holds the same
@@ -212,7 +243,8 @@ class TritonBackend:
 
     def _program(self, model, tasks, support, queries, steps, track, policy) -> AdaptProgram:
         return AdaptProgram(model.spec, tasks, support, queries, steps, track, policy, self.precision, self.device,
-                            support_stats=model.spec.predict_needs_support_stats())
+                            support_stats=model.spec.predict_needs_support_stats(),
+                            head_only=model.spec.adapt_params == "head", recipe=self._recipe(model))
 
     def _launch(self, model, meta, lr, sx, sy, qx, steps, track, policy, chunk):
         """No graph: launch every kernel now on the caller's tensors (exact sizes, nothing kept)."""
@@ -228,8 +260,10 @@ class TritonBackend:
     def _key(self, model, meta, lr, tasks, support, queries, steps, track, policy) -> tuple:
         lr_key = "scalar" if not isinstance(lr, dict) else ("meta-sgd",) + tuple(
             (k, v.data_ptr()) for k, v in lr.items())
+        recipe = self._recipe(model)  # (model.spec says which parameters adapt)
+        recipe_key = None if recipe is None else (recipe.frozen, tuple(t.data_ptr() for t in recipe.tensors()))
         return (model.spec, tuple((k, v.data_ptr()) for k, v in meta.items()), lr_key, tasks, support, queries,
-                steps, track, policy if queries else None, self.precision)
+                steps, track, policy if queries else None, self.precision, recipe_key)
 
     def _replay(self, model, meta, lr, sx, sy, qx, steps, track, policy, chunk):
         spec = model.spec

@@ -16,7 +16,9 @@ kernels.engine.graph_cache's policy: a key's first call runs eagerly on the call
 recurs (at once inside `warming()`), buckets are kept least recently used with warmed ones pinned.
 
 Serving adapts first-order from a meta-initialization that is a constant: no meta-gradient flows out of this backend.
-Models with a recipe (ANIL's adapted subset, MAML++'s per-step rates) run on the reference backend.
+Recipes are captured too: ANIL's and MAML++'s adapted subsets (part of the key) and LSLR's per-step rates (static
+inputs copied in like the meta-initialization, their shapes part of the key), through models.maml.adapt's own
+recipe options. Recipe options the backend does not know (GRAPH_RECIPE) run on the reference backend.
 With `capture=False` (the CPU tests) a bucket runs the same function eagerly and copies into the same static output
 buffers, so the bucketing, padding and buffer logic is tested without CUDA.
 """
@@ -58,6 +60,7 @@ class BucketKey:
     lr_type: str  # "scalar", "per-param" or "" (predict)
     track: bool
     bn_policy: str
+    recipe: tuple = ()  # (adapt_params, ((name, steps), ...) of LSLR's rates): what the captured loop adapts
 
 
 def arch_key(spec: ModelSpec) -> tuple:
@@ -74,9 +77,16 @@ def lr_type(lr) -> str:
 
 
 def bucket_key(op: str, spec: ModelSpec, tasks: int, support: int, queries: int, steps: int = 0, lr=None,
-               track: bool = False, bn_policy: str = "") -> BucketKey:
+               track: bool = False, bn_policy: str = "", step_lrs: dict | None = None) -> BucketKey:
+    recipe = ()
+    if op != "predict" and (spec.adapt_params != "all" or step_lrs is not None):
+        recipe = (spec.adapt_params, tuple((k, int(v.shape[0])) for k, v in (step_lrs or {}).items()))
     return BucketKey(op, arch_key(spec), int(tasks), int(support), int(queries), int(steps),
-                     lr_type(lr) if lr is not None else "", bool(track), bn_policy)
+                     lr_type(lr) if lr is not None else "", bool(track), bn_policy, recipe)
+
+
+# recipe_options keys the captured loop implements (models.maml.adapt's adapt_keys and step_lrs)
+GRAPH_RECIPE = frozenset({"adapt_keys", "step_lrs"})
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -184,7 +194,7 @@ class GraphBackend:
         self.max_buckets = max_buckets
         cache_bytes = 2 * self.budget_bytes if cache_bytes is None else int(cache_bytes)
         self.graphs: GraphCache[_Bucket] = GraphCache(max_buckets, cache_bytes, capture_after)
-        self._reference = ReferenceBackend(self.device, self.budget_bytes)  # models with a recipe
+        self._reference = ReferenceBackend(self.device, self.budget_bytes)  # recipes it does not capture
         self._lock = threading.Lock()  # static buffers are shared: one call at a time
 
     @property
@@ -273,8 +283,12 @@ class GraphBackend:
         return {"lr": torch.full((), float(lr), dtype=torch.float32, device=self.device)}
 
     # -- the backend interface ---------------------------------------------------------------------------------
+    @staticmethod
+    def _uncaptured(model: MetaModel) -> bool:
+        return bool(set(recipe_options(model)) - GRAPH_RECIPE)
+
     def adapt(self, model: MetaModel, support_x, support_y, steps: int, lr, track: bool) -> AdaptResult:
-        if recipe_options(model):
+        if self._uncaptured(model):
             return self._reference.adapt(model, support_x, support_y, steps, lr, track)
         result, _ = self._adapt_predict(model, support_x, support_y, None, steps, lr, track, None, True)
         return result
@@ -286,7 +300,7 @@ class GraphBackend:
         keep_fast=False skips copying the fast weights out (AdaptResult.params is then empty), for callers that do
         not keep the adaptation.
         """
-        if recipe_options(model):
+        if self._uncaptured(model):
             return self._reference.adapt_predict(model, support_x, support_y, query_x, steps, lr, track, bn_policy)
         if query_x is None:
             raise ValueError("adapt_predict needs query_x, got None")
@@ -352,15 +366,20 @@ class GraphBackend:
             values["query_x"] = query_x
             padded["query_x"] = (padded_t, padded_q, *query_x.shape[2:])
         values.update(self._lr_values(lr))
+        options = recipe_options(model)
+        step_lrs = options.pop("step_lrs", None)
         key = bucket_key("adapt_predict" if predicting else "adapt", spec, padded_t, support, padded_q, steps, lr,
-                         track, policy if predicting else "")
+                         track, policy if predicting else "", step_lrs)
         names = list(model.params)
         lr_names = list(lr) if isinstance(lr, dict) else None
+        rate_names = list(step_lrs or {})
 
         def run(inputs):
             meta = {k: inputs[f"meta.{k}"] for k in names}
             step_lr = inputs["lr"] if lr_names is None else {k: inputs[f"lr.{k}"] for k in lr_names}
-            res = reference_adapt(spec, meta, inputs["support_x"], inputs["support_y"], steps, step_lr, track=track)
+            rates = {k: inputs[f"step_lrs.{k}"] for k in rate_names} if rate_names else None
+            res = reference_adapt(spec, meta, inputs["support_x"], inputs["support_y"], steps, step_lr, track=track,
+                                  **options, **({"step_lrs": rates} if rates else {}))
             res.stats = adaptation_stats(spec, res.params, inputs["support_x"])  # the model's own policy
             if not predicting:
                 return res
@@ -371,6 +390,7 @@ class GraphBackend:
                 return res, reference_predict(spec, res.params, inputs["query_x"], bn_policy=policy, stats=given)
 
         meta = {f"meta.{k}": v for k, v in model.params.items()}
+        meta.update({f"step_lrs.{k}": v for k, v in (step_lrs or {}).items()})  # a checkpoint's constants, as meta
         with self._lock:
             out, static = self._run_bucket(key, run, values, meta, padded)
             res, logits = (out, None) if not predicting else out

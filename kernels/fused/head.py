@@ -115,8 +115,8 @@ def _head_kernel(
     y_ptr,  # int64 [T, LOSS_B]: labels of the first LOSS_B rows (NEED_LOSS)
     logits_ptr,  # out [T, B, WAYS] (WRITE_LOGITS)
     loss_ptr, acc_ptr,  # out, accumulated fp32 [T]: sum CE / shots and accuracy of the LOSS_B rows (TRACK)
-    dy_ptr,  # out [T, B, H, W, C]: dL/d(last BN output) (TRAIN)
-    bsum_ptr,  # out, accumulated fp64 [T, 2, C]: (sum dy, sum dy * xhat) (TRAIN)
+    dy_ptr,  # out [T, B, H, W, C]: dL/d(last BN output) (TRAIN and BACKPROP)
+    bsum_ptr,  # out, accumulated fp64 [T, 2, C]: (sum dy, sum dy * xhat) (TRAIN and BACKPROP)
     hw_new_ptr, hb_new_ptr,  # out [T, WAYS, F], [T, WAYS]: head after one SGD step (TRAIN)
     lr_w_ptr, lr_b_ptr,  # Meta-SGD rates [WAYS, F], [WAYS] (LR_MODE 1); one fp32 device scalar each (LR_MODE 2)
     lr,  # scalar learning rate (LR_MODE 0)
@@ -124,7 +124,7 @@ def _head_kernel(
     inv_shots,  # 1 / K: the inner loss is the sum of cross-entropy over the support set divided by the shots
     C: tl.constexpr, F: tl.constexpr, WAYS: tl.constexpr, POOL: tl.constexpr,
     NEED_LOSS: tl.constexpr, TRACK: tl.constexpr, TRAIN: tl.constexpr, WRITE_LOGITS: tl.constexpr,
-    LR_MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, WAYS_PAD: tl.constexpr,
+    BACKPROP: tl.constexpr, LR_MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, WAYS_PAD: tl.constexpr,
     PRECISION: tl.constexpr, EPS: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -193,11 +193,12 @@ def _head_kernel(
                 else:
                     lr_w = lr
                 tl.store(hw_new_ptr + t * WAYS * F + woff, hw_old - lr_w * dw, mask=wmask)
-                dfeats = tl.dot(dlog, hw_old, input_precision=PRECISION)
-                _head_features_backprop(
-                    dfeats, z_task, dy_ptr + t * B * H * W * C, bsum_ptr + t * 2 * C, stat_task, gamma_task,
-                    beta_task, count, b, bmask, f, fmask, H, W, C, POOL, BLOCK_F, EPS,
-                )
+                if BACKPROP:  # into the last conv block (not for ANIL: the body is not adapted)
+                    dfeats = tl.dot(dlog, hw_old, input_precision=PRECISION)
+                    _head_features_backprop(
+                        dfeats, z_task, dy_ptr + t * B * H * W * C, bsum_ptr + t * 2 * C, stat_task, gamma_task,
+                        beta_task, count, b, bmask, f, fmask, H, W, C, POOL, BLOCK_F, EPS,
+                    )
 
 
 @dataclass
@@ -238,12 +239,14 @@ def head_step(
     write_logits: bool = True,
     track: bool = False,
     train: bool = False,
+    backprop: bool = True,
     lr: float | torch.Tensor | dict[str, torch.Tensor] | None = None,
     out: HeadResult | None = None,
     precision: str = "ieee",
 ) -> HeadResult:
     """Head forward (logits), optionally loss/accuracy of the first `loss_images` rows (track), optionally the
-    backward + SGD step (train: all rows are labelled support rows).
+    backward + SGD step (train: all rows are labelled support rows), and with backprop the gradient into the last
+    conv block (out.dy, out.bsum; train without backprop updates the head alone, as ANIL's inner loop).
 
     z: [T, B, H, W, C] last conv pre-BN output; bn: its statistics and affine; weight [T or -, ways, F];
     bias [T or -, ways]; labels int64 [T, loss_images]. lr: a float, a 0-dim float32 device tensor (read by the
@@ -286,13 +289,15 @@ def head_step(
                 setattr(out, name, torch.zeros(tasks, device=dev))
             check_tensor(getattr(out, name), f"out.{name}", (tasks,), device=dev)
     lr_mode, lr_value, lrs = 0, 0.0, [bn.stats, bn.stats]
-    if train:
+    backprop = train and backprop
+    if backprop:
         if out.dy is None:  # zeros: with an odd map the pool never writes the last row / column (gradient 0)
             out.dy = torch.zeros_like(z)
         check_tensor(out.dy, "out.dy", tuple(z.shape), device=dev)
         if out.bsum is None:
             out.bsum = torch.zeros(tasks, 2, c, device=dev, dtype=torch.float64)
         check_stats(out.bsum, "out.bsum", tasks, c, dev)
+    if train:
         shapes = {"weight": (ways, feats), "bias": (ways,)}
         if out.params is None:
             out.params = {k: torch.empty(tasks, *s, device=dev) for k, s in shapes.items()}
@@ -316,12 +321,12 @@ def head_step(
         labels if need_loss else dummy,
         out.logits if write_logits else dummy,
         out.loss if track else dummy, out.accuracy if track else dummy,
-        out.dy if train else dummy, out.bsum if train else dummy,
+        out.dy if backprop else dummy, out.bsum if backprop else dummy,
         out.params["weight"] if train else dummy, out.params["bias"] if train else dummy,
         *lrs, lr_value,
         batch, h, w, loss_images, int(bn.count), gb_st, hw_st, hb_st, 1.0 / shots,
         C=c, F=feats, WAYS=ways, POOL=pool, NEED_LOSS=need_loss, TRACK=track, TRAIN=train,
-        WRITE_LOGITS=write_logits, LR_MODE=lr_mode, BLOCK_B=block_b, BLOCK_F=block_f,
+        WRITE_LOGITS=write_logits, BACKPROP=backprop, LR_MODE=lr_mode, BLOCK_B=block_b, BLOCK_F=block_f,
         WAYS_PAD=max(16, next_pow2(ways)), PRECISION=precision, EPS=BN_EPS, num_warps=4,
     )
     return out

@@ -101,6 +101,20 @@ def last_bn(geo, params, stats, stat_images, given: bool = False) -> BNInput:
     return bn_input(geo, params, stats, 3, stat_images, given)
 
 
+@dataclass(frozen=True)
+class RecipeRates:
+    """A recipe's inner-loop rates as the kernels take them (per-element tensors shaped like one task's parameter,
+    as Meta-SGD's): `frozen` parameters are not adapted (rate 0: MAML++'s `no-bn`), `per_step[s]` holds LSLR's
+    learned rate of each parameter it lists at step s (models.maml: step s uses entry min(s, S - 1)); every other
+    parameter takes the program's lr."""
+
+    frozen: frozenset = frozenset()
+    per_step: tuple = ()  # tuple[dict[str, torch.Tensor], ...]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for step in self.per_step for t in step.values()]
+
+
 class AdaptProgram:
     """Buffers and launches of `steps` first-order SGD steps (+ optional predict) for T tasks at one shape.
 
@@ -112,19 +126,24 @@ class AdaptProgram:
     'support' the query rows are independent of each other, so a caller may pad them (the padding is sliced off).
     lr: a float, a 0-dim float32 device tensor (what a captured program holds: a new value needs no new graph) or
     Meta-SGD rates {name: tensor shaped like one task's parameter}.
+    head_only: ANIL (spec.adapt_params == 'head'): the body is forwarded once with the meta-initialization and
+    only the head takes the K steps (no backward into the conv blocks). recipe: RecipeRates (frozen parameters,
+    LSLR's per-step rates), applied on top of lr.
     """
 
     def __init__(self, spec: ModelSpec, tasks: int, support: int, queries: int, steps: int, track: bool,
-                 policy: str, precision: str, device: torch.device, support_stats: bool = False):
+                 policy: str, precision: str, device: torch.device, support_stats: bool = False,
+                 head_only: bool = False, recipe: RecipeRates | None = None):
         self.spec, self.tasks, self.support, self.queries = spec, tasks, support, queries
         self.steps, self.track, self.policy, self.precision = steps, track, policy, precision
-        self.support_stats = support_stats
+        self.support_stats, self.head_only, self.recipe = support_stats, bool(head_only), recipe
         self.geo = geo = conv4_geometry(spec)
         self.pool = spec.arch == "conv4-miniimagenet"
         self.shots = max(1, support // spec.ways)
         dev = self.device = torch.device(device)
         act = lambda b: [torch.zeros(tasks, b, g.ho, g.wo, g.cout, device=dev) for g in geo]  # noqa: E731
-        self.z, self.dy = act(support), act(support)
+        self.z = act(support)
+        self.dy = None if self.head_only else act(support)  # gradients into the conv blocks
         # fp64 statistics, zeroed by launch(): forward [steps + 2] (steps, last support pass, predict), backward [steps]
         self.stats_blob = torch.zeros((2 * steps + 2) * 4 * tasks * 2 * spec.hidden, device=dev, dtype=torch.float64)
         stats = self.stats_blob.view(2 * steps + 2, 4, tasks, 2, spec.hidden)
@@ -148,6 +167,9 @@ class AdaptProgram:
             self.moments = torch.zeros(2, 4, tasks, spec.hidden, device=dev)
             self.moment_counts = torch.tensor([float(support * g.ho * g.wo) for g in geo], dtype=torch.float64,
                                               device=dev)
+        if recipe is not None:  # rates of the parameters that take the program's lr, refilled by launch()
+            self.base_rates = {k: torch.zeros(shape, device=dev) for k, shape in shapes.items()}
+            self.zero_rates = {k: torch.zeros(shapes[k], device=dev) for k in recipe.frozen}
         self.meta = self.lr = self.support_x = self.support_y = self.query_x = None
 
     def split(self, blob: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -181,12 +203,39 @@ class AdaptProgram:
     def stats(self) -> dict[str, torch.Tensor] | None:
         return moments_dict(self.moments) if self.support_stats else None
 
+    def step_rates(self) -> list:
+        """The rate of every step as the kernels take it: the program's lr, or with a recipe per-element rates
+        (filled here from the lr, so a captured graph reads the device scalar's value at each replay)."""
+        if self.recipe is None:
+            return [self.lr] * self.steps
+        per_step, frozen = self.recipe.per_step, self.recipe.frozen
+        listed = set().union(*per_step) if per_step else set()
+        if isinstance(self.lr, dict):
+            base = self.lr
+        else:
+            base = self.base_rates
+            for k, buf in base.items():
+                if k in frozen or k in listed and all(k in d for d in per_step):
+                    continue  # never read
+                if isinstance(self.lr, torch.Tensor):
+                    buf.copy_(self.lr.expand_as(buf))
+                else:
+                    buf.fill_(float(self.lr))
+        rates = []
+        for s in range(self.steps):
+            step = per_step[min(s, len(per_step) - 1)] if per_step else {}
+            rates.append({k: self.zero_rates[k] if k in frozen else step.get(k, base[k]) for k in self.base_rates})
+        return rates
+
     def launch(self):
         spec, geo, prec = self.spec, self.geo, self.precision
         x, y = self.support_x, self.support_y
         self.stats_blob.zero_()
         if self.track:
             self.track_blob.zero_()
+        rates = self.step_rates()
+        if self.head_only:
+            return self._launch_head_only(rates)
         cur = self.meta
         for s in range(self.steps):
             nxt = self.param_sets[s % 2]
@@ -195,7 +244,7 @@ class AdaptProgram:
             head_step(
                 self.z[3], last_bn(geo, cur, fwd, self.support), cur["head.weight"], cur["head.bias"],
                 pool=self.pool, labels=y, shots=self.shots, write_logits=False, track=self.track, train=True,
-                lr=head_lr(self.lr), precision=prec,
+                lr=head_lr(rates[s]), precision=prec,
                 out=HeadResult(loss=self.loss[s], accuracy=self.accuracy[s], dy=self.dy[3], bsum=bwd[3],
                                params={"weight": nxt["head.weight"], "bias": nxt["head.bias"]}),
             )
@@ -204,7 +253,7 @@ class AdaptProgram:
                 in_bn = None if i == 0 else bn_input(geo, cur, fwd, i - 1, self.support)
                 conv_bn_backward_sgd(
                     x if i == 0 else self.z[i - 1], self.dy[i], self.z[i], fwd[i], bwd[i], layer_params(cur, i),
-                    layer_lr(self.lr, i), stride=g.stride, in_bn=in_bn, pool_input=g.pool_input,
+                    layer_lr(rates[s], i), stride=g.stride, in_bn=in_bn, pool_input=g.pool_input,
                     input_grad=i > 0, out_params=layer_params(nxt, i),
                     dy_in=self.dy[i - 1] if i > 0 else None, in_bsum=bwd[i - 1] if i > 0 else None,
                     precision=prec,
@@ -213,7 +262,44 @@ class AdaptProgram:
         if self.steps == 0:
             for name, v in self.param_sets[0].items():
                 v.copy_(cur[name].expand_as(v))
-        if not self.support_pass and (self.track or self.support_stats):
+        self._finish(cur, self.steps)
+
+    def _launch_head_only(self, rates):
+        """ANIL: one body forward of the support rows with the meta-initialization, then K head steps on its
+        features (their statistics are the meta body's at every step); the fast weights are the meta body (per
+        task) and the adapted head."""
+        spec, geo, prec = self.spec, self.geo, self.precision
+        fwd = self.fwd_stats[0]
+        forward_conv4(spec, geo, self.meta, self.support_x, self.z, fwd, self.support, prec)
+        bn = last_bn(geo, self.meta, fwd, self.support)
+        final = self.fast
+        for name, v in final.items():
+            if not name.startswith("head.") or self.steps == 0:
+                v.copy_(self.meta[name].expand_as(v))
+        head = {"weight": self.meta["head.weight"], "bias": self.meta["head.bias"]}
+        for s in range(self.steps):
+            nxt = self.param_sets[s % 2]
+            new = {"weight": nxt["head.weight"], "bias": nxt["head.bias"]}
+            head_step(
+                self.z[3], bn, head["weight"], head["bias"], pool=self.pool, labels=self.support_y, shots=self.shots,
+                write_logits=False, track=self.track, train=True, backprop=False, lr=head_lr(rates[s]),
+                precision=prec, out=HeadResult(loss=self.loss[s], accuracy=self.accuracy[s], params=new),
+            )
+            head = new
+        if self.track and not self.support_pass:  # the support loss after the last step: the same features
+            head_step(
+                self.z[3], bn, head["weight"], head["bias"], pool=self.pool, labels=self.support_y, shots=self.shots,
+                write_logits=False, track=True, precision=prec,
+                out=HeadResult(loss=self.loss[self.steps], accuracy=self.accuracy[self.steps]),
+            )
+        self._finish(final, 0, forwarded=True)
+
+    def _finish(self, cur, last: int, forwarded: bool = False):
+        """After the steps: the support loss and statistics under the adapted weights (`fwd_stats[last]`; a
+        forward of their own unless `forwarded`), then the predict pass over the query rows."""
+        spec, geo, prec = self.spec, self.geo, self.precision
+        x, y = self.support_x, self.support_y
+        if not forwarded and not self.support_pass and (self.track or self.support_stats):
             # The support loss after the last step, and / or the support statistics, need their own forward.
             fwd = self.fwd_stats[self.steps]
             forward_conv4(spec, geo, cur, x, self.z, fwd, self.support, prec)
@@ -241,7 +327,7 @@ class AdaptProgram:
                                accuracy=self.accuracy[self.steps]),
             )
         if self.support_stats:
-            bn_moments(self.fwd_stats[self.steps + 1 if self.support_pass else self.steps], self.moment_counts,
+            bn_moments(self.fwd_stats[self.steps + 1 if self.support_pass else last], self.moment_counts,
                        out=self.moments)
 
 
@@ -312,5 +398,14 @@ def max_rows_per_task(spec: ModelSpec, device: torch.device) -> int:
     return lo
 
 
-__all__ = ["AdaptProgram", "MAX_TRAIN_ROWS", "TRITON_ARCHS", "conv4_geometry", "head_features", "max_rows_per_task",
-           "predict_conv4", "workspace_bytes_per_task"]
+__all__ = [
+    "AdaptProgram",
+    "MAX_TRAIN_ROWS",
+    "RecipeRates",
+    "TRITON_ARCHS",
+    "conv4_geometry",
+    "head_features",
+    "max_rows_per_task",
+    "predict_conv4",
+    "workspace_bytes_per_task",
+]

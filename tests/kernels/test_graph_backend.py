@@ -372,3 +372,63 @@ def test_predict_from_stored_statistics_equals_the_reference_with_support_rows()
                                    atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="predict needs the adaptation's support statistics"):
         backend.predict(model, res.params, qx)
+
+
+# -- recipes ---------------------------------------------------------------------------------------------------------
+def recipe_model(adapt_params, step_lrs=None, device="cpu", seed=4):
+    spec = SPEC.with_(name=f"tiny-{adapt_params}", adapt_params=adapt_params)
+    params = init_params(spec, torch.Generator().manual_seed(seed))
+    rates = None if step_lrs is None else {k: v.to(device) for k, v in step_lrs.items()}
+    return MetaModel(spec, params, None, {}, rates).to(device)
+
+
+LSLR_RATES = {"conv1.weight": torch.tensor([0.6, 0.1]), "head.bias": torch.tensor([0.05, 0.9])}
+
+
+def recipe_reference(model, sx, sy, qx, steps, lr):
+    from kernels.engine.reference import recipe_options
+
+    ref = adapt(model.spec, model.params, sx, sy, steps, lr, track=True, **recipe_options(model))
+    return ref, predict(model.spec, ref.params, qx, sx)
+
+
+def test_recipes_are_buckets_of_their_own_and_adapt_as_the_checkpoint_says():
+    """ANIL, no-bn and LSLR models of one architecture: each its own bucket (the adapted subset and the rates'
+    shapes are part of the key, values are not), each call's rates copied in, each result the recipe's (the
+    LSLR rates of a second model with the same shapes reach the replay: they are inputs, not constants)."""
+    backend = GraphBackend("cpu", capture=False, capture_after=1)
+    sx, sy, qx = make_tasks(2, shots=2, queries=3, seed=9)
+    other_rates = {k: v * 2 for k, v in LSLR_RATES.items()}
+    models = [recipe_model("head"), recipe_model("no-bn"), recipe_model("all", LSLR_RATES),
+              recipe_model("all", other_rates)]
+    for model in models:
+        res, logits = backend.adapt_predict(model, sx, sy, qx, 3, model.inner_lr())
+        want, want_logits = recipe_reference(model, sx, sy, qx, 3, model.inner_lr())
+        for k, v in want.params.items():
+            torch.testing.assert_close(res.params[k], v, atol=1e-6, rtol=1e-6, msg=f"{model.name} {k}")
+        torch.testing.assert_close(logits, want_logits, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(res.support_loss, want.support_loss, atol=1e-6, rtol=1e-6)
+    assert backend.captures == 3  # the two LSLR models share one bucket
+    head = models[0]
+    anil, _ = backend.adapt_predict(head, sx, sy, qx, 3, 0.4)
+    for k, v in head.params.items():
+        if not k.startswith("head."):
+            assert torch.equal(anil.params[k], v.expand_as(anil.params[k])), f"ANIL changed the body's {k}"
+    keys = {bucket_key("adapt", m.spec, 2, 6, 0, 3, 0.4, True, step_lrs=m.step_lrs) for m in models}
+    assert len(keys) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("adapt_params,rates", [("head", None), ("no-bn", None), ("all", LSLR_RATES)])
+def test_recipes_captured_on_cuda_match_the_reference(adapt_params, rates):
+    model = recipe_model(adapt_params, rates, device="cuda")
+    graph, ref = Engine("graph", "cuda"), Engine("reference", "cuda")
+    with graph.warming():
+        for seed in (1, 2):  # the first call captures, the second replays
+            sx, sy, qx = make_tasks(3, shots=2, queries=5, seed=seed, device="cuda")
+            got, got_logits = graph.adapt_predict(model, sx, sy, qx, 3)
+            want, want_logits = ref.adapt_predict(model, sx, sy, qx, 3)
+            for k in want.params:
+                torch.testing.assert_close(got.params[k], want.params[k], atol=1e-5, rtol=1e-5, msg=k)
+            torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+    assert graph.backend.captures == 1 and not graph.capture_failures()

@@ -7,7 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 RUN=docs/results/omniglot-20w1s-anil
-MAX_SECONDS=${MAX_SECONDS:-$(( $(date -u -d "${STOP_AT:-21:50}" +%s) - $(date -u +%s) - 30 ))}
+if [ -z "${MAX_SECONDS:-}" ]; then  # until STOP_AT's next occurrence (today, or tomorrow once it has passed)
+    NOW=$(date -u +%s); UNTIL=$(date -u -d "${STOP_AT:-21:50}" +%s)
+    [ "$UNTIL" -gt "$NOW" ] || UNTIL=$(( UNTIL + 86400 ))
+    MAX_SECONDS=$(( UNTIL - NOW - 30 ))
+fi
 RESUME=()
 [ -f "$RUN/state/state.pt" ] && RESUME=(--resume)
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 .venv/bin/python -m trainer omniglot-20w1s "${RESUME[@]}" \
