@@ -6,6 +6,10 @@ cluster_maml_trpo_cheetah.py, test_maml_cheetah.py, rllab/envs/mujoco/half_cheet
 tristandeleu/pytorch-maml-rl at 21d4ba1 (configs/maml/2d-navigation.yaml, halfcheetah-vel.yaml, halfcheetah-dir.yaml,
 maml_rl/). Where they differ, the source column says which one we follow and what the others use. The half-cheetah
 configs' own settings are the `halfcheetah.*` entries.
+
+`--algorithm pretrained` trains the paper's "pretrained" baseline with the same loop (trainer/rl/train.py): one
+policy trained on the pre-update trajectories of every meta-batch, without the inner step, then adapted at meta-test
+with exactly MAML's VPG steps (`SOURCES["algorithm"]`, `SOURCES["pretrained.*"]`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from trainer.config import _parse_value
 class RLConfig:
     name: str = "navigation-2d"
     env: str = "navigation-2d"
+    algorithm: str = "maml"  # maml | pretrained: TRPO on the pre-update trajectories, no inner step (paper baseline)
     hidden: int = 100
     layers: int = 2
     nonlinearity: str = "relu"
@@ -63,6 +68,14 @@ class RLConfig:
 
 
 SOURCES = {
+    "algorithm": "maml: paper 5.3, MAML-TRPO through one VPG inner step. pretrained: paper 5.3, Fig. 4-5 "
+                 "('pretraining one policy on all of the tasks and then fine-tuning'): the same TRPO step (surrogate, "
+                 "KL(old || new), conjugate gradient, line search) on the pre-update trajectories of each meta-batch, "
+                 "i.e. MAML-TRPO with zero inner steps, then meta-tested with MAML's VPG steps. cbfinn's released "
+                 "code trains it as MAMLTRPO(use_maml=False) ('maml0' in test_maml_point.py): the pre-update "
+                 "surrogate -mean(log pi * A) of the same run, but one step of rllab's FirstOrderOptimizer (Adam, lr "
+                 "1e-3, one full-batch epoch) instead of the trust region, and the post-update round is still "
+                 "sampled (unused); here TRPO, so the two algorithms differ only in the inner step",
     "env": "cbfinn point_env_randgoal.py / pytorch-maml-rl navigation.py (see trainer/rl/navigation.py)",
     "hidden": "paper A.2, cbfinn: 2 hidden layers of 100 (pytorch-maml-rl's yaml: 64, 64 tanh)",
     "nonlinearity": "paper A.2, cbfinn: ReLU",
@@ -94,6 +107,13 @@ SOURCES = {
                     "old); the same Hessian at the old policy)",
     "surrogate_mean": "mean over each task's steps taken, then over tasks (cbfinn tf.reduce_mean over the task's "
                       "samples; pytorch-maml-rl averages per trajectory first)",
+    # ---- --algorithm pretrained (trainer/rl/train.py) ----
+    "pretrained.sampling": "one round per meta-iteration: meta_batch tasks x trajectories trajectories with the "
+                           "policy itself (MAML samples that round and as many with the adapted policies); the TRPO "
+                           "ratio, KL and line search are those of the pre-update policy on it",
+    "pretrained.select": "paper A.2 ('the best average return during training'): for pretraining, the mean return "
+                         "of the pre-update round, the only return it samples and the one it maximizes (MAML: the "
+                         "post-adaptation return)",
     # ---- halfcheetah-vel / halfcheetah-dir (trainer/rl/halfcheetah.py, docs/results/halfcheetah/README.md) ----
     "halfcheetah.env": "gymnasium HalfCheetah-v5 physics (model, frame_skip 5, dt 0.05, reset noise, 17-value "
                        "observation without x) with pytorch-maml-rl's HalfCheetahVel/DirEnv rewards: velocity = "
@@ -138,11 +158,18 @@ RL_CONFIGS: dict[str, RLConfig] = {
 }
 
 ENVIRONMENTS = ("navigation-2d", "halfcheetah-vel", "halfcheetah-dir")
+ALGORITHMS = ("maml", "pretrained")
+ALGORITHM_LABELS = {"maml": "MAML", "pretrained": "pretrained"}  # how results tables name a run's policy
 
 
 def check_config(cfg: RLConfig) -> RLConfig:
     if cfg.env not in ENVIRONMENTS:
         raise ValueError(f"--env {cfg.env!r}, expected one of {ENVIRONMENTS}")
+    if cfg.algorithm not in ALGORITHMS:
+        raise ValueError(f"--algorithm {cfg.algorithm!r}, expected maml or pretrained")
+    if cfg.algorithm == "pretrained" and cfg.first_order:
+        raise ValueError("--first_order true with --algorithm pretrained, expected false: pretraining has no inner "
+                         "step to differentiate through")
     if cfg.select not in ("best", "last"):
         raise ValueError(f"--select {cfg.select!r}, expected best or last")
     if cfg.nonlinearity not in ("relu", "tanh"):

@@ -20,6 +20,8 @@ def plot_rl_training(log_path: Path, title: str, path: Path, window: int = 10):
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     its = [r["iteration"] for r in records]
     for key, label in (("return_pre", "before adaptation"), ("return_post", "after 1 VPG step")):
+        if key not in records[0]:  # --algorithm pretrained samples no post-adaptation round
+            continue
         values = [r[key] for r in records]
         ax.plot(its, values, alpha=0.3)
         smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
@@ -29,16 +31,20 @@ def plot_rl_training(log_path: Path, title: str, path: Path, window: int = 10):
     finish(fig, ax, title, "meta-iteration", path)
 
 
-def plot_rl_steps(curves: dict[str, dict], title: str, path: Path):
-    """curves: label -> {'mean': [...], 'ci95': [...]} (a 'paper' entry may have no ci95)."""
+def plot_rl_steps(curves: dict[str, dict], title: str, path: Path, tasks: int = 40):
+    """curves: label -> {'mean': [...], 'ci95': [...]}. A paper entry has no ci95 (dashed); one read off a figure
+    has 'low' and 'high' instead, drawn as a hatched band around its dashed midpoint."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, res in curves.items():
         mean, ci = res["mean"], res.get("ci95")
         steps = range(len(mean))
-        ax.plot(steps, mean, marker="o", linestyle="--" if ci is None else "-", label=label)
+        line = ax.plot(steps, mean, marker="o", linestyle="--" if ci is None else "-", label=label)[0]
         if ci is not None:
             ax.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)], alpha=0.2)
-    ax.set_ylabel("mean return (40 test goals)")
+        elif "low" in res and "high" in res:
+            ax.fill_between(steps, res["low"], res["high"], facecolor="none", edgecolor=line.get_color(),
+                            hatch="//", alpha=0.5, linewidth=0)
+    ax.set_ylabel(f"mean return ({tasks} test goals)")
     ax.set_xticks(range(max(len(r["mean"]) for r in curves.values())))
     finish(fig, ax, title, "adaptation steps (VPG)", path)
 

@@ -4,6 +4,11 @@ Each iteration draws `meta_batch` goals, samples `trajectories` trajectories per
 the VPG inner step per task, samples as many trajectories with each adapted policy, and makes one TRPO step
 through the inner step. Everything random (goals, action noise, initial states) comes from one seeded
 torch.Generator whose state is saved with the parameters, so `--resume` continues the uninterrupted run exactly.
+
+`--algorithm pretrained` (the paper's "pretrained" baseline) is the same loop with zero inner steps: each iteration
+samples only the pre-update round and makes the same TRPO step on it, the surrogate, KL and line search those of the
+policy itself (`meta_update` with the inner lr 0, so theta' = theta exactly and the Jacobian through the "inner step"
+is the identity). The best iterate is the one with the best pre-update return, the return it maximizes.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from trainer.rl.baseline import advantages
 from trainer.rl.config import RLConfig
 from trainer.rl.maml_trpo import MetaBatch, TRPOSettings, trpo_step
 from trainer.rl.navigation import Navigation2D
-from trainer.rl.sampler import sample_trajectories
+from trainer.rl.sampler import Trajectories, sample_trajectories
 from trainer.rl.vpg import adapt
 from trainer.train import git_commit
 
@@ -51,6 +56,32 @@ def policy_spec(cfg: RLConfig, env) -> PolicySpec:
 def trpo_settings(cfg: RLConfig) -> TRPOSettings:
     return TRPOSettings(max_kl=cfg.max_kl, cg_iters=cfg.cg_iters, cg_damping=cfg.cg_damping,
                         ls_max_steps=cfg.ls_max_steps, ls_backtrack_ratio=cfg.ls_backtrack_ratio)
+
+
+def selection_metric(cfg: RLConfig) -> str:
+    """The logged training return the best iterate maximizes: what the algorithm optimizes (SOURCES "select",
+    "pretrained.select")."""
+    return "return_pre" if cfg.algorithm == "pretrained" else "return_post"
+
+
+def pretraining_batch(train: Trajectories, train_adv: torch.Tensor) -> MetaBatch:
+    """The pretrained baseline's batch: its "validation" round is the pre-update round itself, so the TRPO surrogate
+    and KL of `trpo_step` are those of the policy on the trajectories it sampled."""
+    return MetaBatch(train, train_adv, train, train_adv)
+
+
+def meta_update(spec: PolicySpec, params: dict[str, torch.Tensor], batch: MetaBatch, cfg: RLConfig,
+                settings: TRPOSettings) -> tuple[dict[str, torch.Tensor], dict]:
+    """One outer step: MAML's TRPO through the inner step, or (pretrained) the same TRPO with zero inner steps.
+
+    Zero inner steps is the inner lr 0 without second-order terms: theta' = theta - 0 * grad = theta bit for bit,
+    d theta' / d theta = I (maml_trpo's first-order path), so the surrogate, its gradient, the Fisher-vector
+    products and the line search are plain TRPO's on `batch.valid` (= the pre-update round, `pretraining_batch`).
+    Reusing `trpo_step` keeps one implementation of the trust region for both algorithms.
+    """
+    if cfg.algorithm == "pretrained":
+        return trpo_step(spec, params, batch, 0.0, settings, second_order=False)
+    return trpo_step(spec, params, batch, cfg.inner_lr, settings, second_order=not cfg.first_order)
 
 
 class RLTrainer:
@@ -83,6 +114,10 @@ class RLTrainer:
         if not path.exists():
             raise FileNotFoundError(f"--resume: no training state at {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state.get("config", {}).get("algorithm", "maml")  # states from before --algorithm: MAML
+        if saved != self.cfg.algorithm:
+            raise ValueError(f"--resume: the state at {path} was trained with --algorithm {saved}, not "
+                             f"{self.cfg.algorithm}; resume it with --algorithm {saved} or use another --out_dir")
         self.iteration, self.train_seconds = state["iteration"], state["train_seconds"]
         self.params, self.best = state["params"], state["best"]
         self.generator.set_state(state["generator"])
@@ -95,7 +130,7 @@ class RLTrainer:
     def provenance(self, **extra) -> dict:
         return {"config": dataclasses.asdict(self.cfg), "commit": git_commit(), "iterations": self.iteration,
                 "train_seconds": round(self.train_seconds, 1), "best_iteration": self.best["iteration"],
-                "best_train_return_post": self.best["return"], "device": "cpu", **extra}
+                f"best_train_{selection_metric(self.cfg)}": self.best["return"], "device": "cpu", **extra}
 
     def policy_model(self, which: str = "best", **provenance) -> PolicyModel:
         params = self.best["params"] if which == "best" else self.params
@@ -104,10 +139,14 @@ class RLTrainer:
 
     # ---- loop ----
     def sample_meta_batch(self) -> MetaBatch:
+        """MAML: the pre-update round, the inner step and the post-update round; pretrained: the pre-update round
+        only (`pretraining_batch`), which is all its update reads."""
         cfg, env = self.cfg, self.env
         goals = env.sample_tasks(cfg.meta_batch, self.generator)
         train = sample_trajectories(env, self.spec, self.params, goals, cfg.trajectories, self.generator)
         train_adv = advantages(train, cfg.discount, cfg.baseline_reg, cfg.normalize_advantages)
+        if cfg.algorithm == "pretrained":
+            return pretraining_batch(train, train_adv)
         fast = adapt(self.spec, self.params, train, train_adv, cfg.inner_lr)
         valid = sample_trajectories(env, self.spec, fast, goals, cfg.trajectories, self.generator)
         valid_adv = advantages(valid, cfg.discount, cfg.baseline_reg, cfg.normalize_advantages)
@@ -115,12 +154,14 @@ class RLTrainer:
 
     def step(self) -> dict:
         batch = self.sample_meta_batch()
-        pre, post = batch.train.returns().mean().item(), batch.valid.returns().mean().item()
-        if post > self.best["return"]:  # the returns of the policy before this update
-            self.best = {"return": post, "iteration": self.iteration, "params": dict(self.params)}
-        self.params, info = trpo_step(self.spec, self.params, batch, self.cfg.inner_lr, self.settings,
-                                      second_order=not self.cfg.first_order)
-        return {"return_pre": pre, "return_post": post, **info}
+        returns = {"return_pre": batch.train.returns().mean().item()}
+        if self.cfg.algorithm != "pretrained":
+            returns["return_post"] = batch.valid.returns().mean().item()
+        score = returns[selection_metric(self.cfg)]
+        if score > self.best["return"]:  # the returns of the policy before this update
+            self.best = {"return": score, "iteration": self.iteration, "params": dict(self.params)}
+        self.params, info = meta_update(self.spec, self.params, batch, self.cfg, self.settings)
+        return {**returns, **info}
 
     def train(self):
         cfg = self.cfg
@@ -136,8 +177,8 @@ class RLTrainer:
             record["seconds"] = round(self.train_seconds, 2)
             self._log(record)
             bar.update(1)
-            bar.set_postfix(pre=f"{record['return_pre']:.1f}", post=f"{record['return_post']:.1f}",
-                            kl=f"{record['kl_after']:.4f}")
+            bar.set_postfix(**{k[len("return_"):]: f"{record[k]:.1f}" for k in ("return_pre", "return_post")
+                               if k in record}, kl=f"{record['kl_after']:.4f}")
             out_of_time = cfg.max_seconds > 0 and time.perf_counter() - start > cfg.max_seconds
             if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations or out_of_time:
                 self._save_state()
