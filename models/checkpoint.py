@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from models.functional import param_shapes
+from models.functional import param_shapes, stats_shapes
 from models.spec import ModelSpec
 
 FORMAT = "fastadapt-checkpoint"
@@ -35,14 +35,30 @@ class MetaModel:
     provenance: dict = field(default_factory=dict)
     # LSLR (MAML++): one learned inner lr per adapted parameter and inner step, {name: tensor [steps]}; None: not used
     step_lrs: dict[str, torch.Tensor] | None = None
+    # BNRS (MAML++): per-layer, per-step batch-norm running statistics, {bn{i}.mean, bn{i}.var: tensor [S, C]}, S the
+    # inner steps they were estimated for (provenance["bn_running"] says how); what the `running` policy normalizes
+    # with. None: not estimated.
+    bn_running: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.spec.uses_running_stats() and self.bn_running is None:
+            raise ValueError(f"model {self.spec.name} has bn_policy 'running' but no running statistics (bn_running); "
+                             "expected them estimated (python -m trainer.bn_running, or training with --bn_running "
+                             "true) or another bn_policy")
 
     @property
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def running_steps(self) -> int | None:
+        """S, the inner steps the running statistics were estimated for (None: the model has none)."""
+        return None if not self.bn_running else int(next(iter(self.bn_running.values())).shape[0])
+
     def to(self, device) -> MetaModel:
         move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
-        return MetaModel(self.spec, move(self.params), move(self.inner_lrs), self.provenance, move(self.step_lrs))
+        return MetaModel(self.spec, move(self.params), move(self.inner_lrs), self.provenance, move(self.step_lrs),
+                         move(self.bn_running))
 
     # Learning-rate resolution, the one place it happens: an override (a client's inner_lr; 0 / None = none) wins,
     # then the checkpoint's learned rates (Meta-SGD per element, or LSLR per layer and step), then the spec default.
@@ -82,6 +98,8 @@ def save_checkpoint(path: str | os.PathLike, model: MetaModel) -> Path:
     }
     if model.step_lrs is not None:  # only written when used, so files without it stay readable by older code
         payload["step_lrs"] = {k: v.detach().cpu().contiguous() for k, v in model.step_lrs.items()}
+    if model.bn_running is not None:  # likewise optional
+        payload["bn_running"] = {k: v.detach().cpu().contiguous() for k, v in model.bn_running.items()}
     return atomic_save(payload, path)
 
 
@@ -135,6 +153,36 @@ def _check_step_lrs(path, spec: ModelSpec, step_lrs):
             raise CheckpointError(f"{path}: 'step_lrs.{name}' holds NaN or Inf values")
 
 
+def _check_bn_running(path, spec: ModelSpec, running):
+    """{bn{i}.mean, bn{i}.var}: float32 [S, C] for every batch-norm layer, one S >= 1 for all, finite, var >= 0."""
+    expected = stats_shapes(spec)
+    if not expected:
+        raise CheckpointError(f"{path}: 'bn_running' is given, but {spec.arch} has no batch norm; expected none")
+    if not isinstance(running, dict):
+        raise CheckpointError(f"{path}: 'bn_running' is {type(running).__name__}, expected a dict of tensors")
+    missing, extra = sorted(set(expected) - set(running)), sorted(set(running) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{path}: 'bn_running' does not fit {spec.arch}: missing {missing}, unexpected "
+                              f"{extra[:8]}")
+    steps = None
+    for name, (channels,) in expected.items():
+        t = running[name]
+        if (not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] < 1 or t.shape[1] != channels
+                or t.dtype != torch.float32):
+            got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{path}: 'bn_running.{name}' is {got}, expected a float32 tensor [steps, "
+                                  f"{channels}]")
+        if steps is not None and t.shape[0] != steps:
+            raise CheckpointError(f"{path}: 'bn_running.{name}' holds {t.shape[0]} steps, the other layers {steps}; "
+                                  "expected one step count for all")
+        steps = t.shape[0]
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: 'bn_running.{name}' holds NaN or Inf values")
+        if name.endswith(".var") and (t < 0).any():
+            raise CheckpointError(f"{path}: 'bn_running.{name}' holds a negative variance ({t.min().item():.3g}), "
+                                  "expected >= 0")
+
+
 def load_checkpoint(path: str | os.PathLike, *, expect_arch: str | None = None, device="cpu") -> MetaModel:
     """Load and validate a checkpoint; `expect_arch` refuses a file of another architecture."""
     path = Path(path)
@@ -162,5 +210,11 @@ def load_checkpoint(path: str | os.PathLike, *, expect_arch: str | None = None, 
     step_lrs = payload.get("step_lrs")
     if step_lrs is not None:
         _check_step_lrs(path, spec, step_lrs)
-    model = MetaModel(spec, payload["params"], inner_lrs, payload.get("provenance") or {}, step_lrs)
+    bn_running = payload.get("bn_running")
+    if bn_running is not None:
+        _check_bn_running(path, spec, bn_running)
+    elif spec.uses_running_stats():
+        raise CheckpointError(f"{path}: bn_policy 'running' but no 'bn_running' statistics; expected them estimated "
+                              "(python -m trainer.bn_running) or another bn_policy")
+    model = MetaModel(spec, payload["params"], inner_lrs, payload.get("provenance") or {}, step_lrs, bn_running)
     return model.to(device)

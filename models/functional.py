@@ -10,6 +10,9 @@ of the forwarded batch. `stat_rows=n` restricts those statistics to the first n 
 the `support` policy normalizes query images with the support set's statistics. `support_stats` computes those
 statistics once (per layer mean and biased variance, [T, C]), and `forward(..., stats=...)` normalizes with them, so
 a served adaptation keeps its statistics and Predict forwards the query rows alone.
+
+The `running` policy (MAML++'s per-step running statistics) passes the same `stats=`: one step's entry of the
+checkpoint's `bn_running` ({bn{i}.mean, bn{i}.var} [S, C], see `running_at`), broadcast to the T tasks.
 """
 
 from __future__ import annotations
@@ -270,3 +273,36 @@ def support_stats(spec: ModelSpec, params: dict[str, torch.Tensor], support_x: t
     for i, (mean, var) in zip(bn_layers(spec), record):
         out[f"bn{i}.mean"], out[f"bn{i}.var"] = mean.contiguous(), var.contiguous()
     return out
+
+
+def bn_counts(spec: ModelSpec, rows: int) -> list[int]:
+    """Values per task and channel each batch-norm layer's statistics average over for `rows` examples per task
+    (rows x the layer's spatial size): what turns a biased batch variance into the unbiased one."""
+    if spec.arch == "mlp-omniglot":
+        return [rows] * len(bn_layers(spec))
+    side, counts = spec.input_shape[1], []
+    for _ in bn_layers(spec):
+        if spec.arch == "conv4-omniglot":  # 3x3, padding 1, stride 2
+            side = (side - 1) // 2 + 1
+            counts.append(rows * side * side)
+        else:  # conv4-miniimagenet: 3x3, padding 1, stride 1, batch norm before the 2x2 max-pool
+            counts.append(rows * side * side)
+            side //= 2
+    return counts
+
+
+def batch_stats_record(spec: ModelSpec, record: list, rows: int) -> dict[str, torch.Tensor]:
+    """What `body_features(..., record=...)` collected over `rows` examples per task, as running-statistics
+    samples: {bn{i}.mean, bn{i}.var} [T, C], detached, the variance unbiased (as torch batch norm accumulates its
+    running_var; a single value per channel keeps the biased 0)."""
+    out = {}
+    for i, n, (mean, var) in zip(bn_layers(spec), bn_counts(spec, rows), record):
+        out[f"bn{i}.mean"] = mean.detach().contiguous()
+        out[f"bn{i}.var"] = (var.detach() * (n / max(n - 1, 1))).contiguous()
+    return out
+
+
+def running_at(running: dict[str, torch.Tensor], step: int, tasks: int) -> dict[str, torch.Tensor]:
+    """The per-step running statistics ({bn{i}.mean, bn{i}.var} [S, C]) of inner step `step`: entry
+    min(step, S - 1), so a model estimated for S steps adapts for more, as task-stacked `stats` [T, C] (views)."""
+    return {k: v[min(step, v.shape[0] - 1)].unsqueeze(0).expand(tasks, v.shape[1]) for k, v in running.items()}

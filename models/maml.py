@@ -4,6 +4,11 @@ Inner loss as cbfinn/maml: for classification the sum of per-example cross-entro
 by K (the shots), i.e. N x the mean cross-entropy, so the paper's inner learning rates mean what they meant there.
 For regression, the mean squared error. Tasks are independent, so the gradient of the sum of the T task losses
 gives every task its own gradient in one backward pass.
+
+Batch norm normalizes the support forward of every inner step with the support batch's own statistics, except under
+the `running` policy (MAML++'s per-step running statistics, `bn_running`): step s normalizes with entry
+min(s, S - 1) of the checkpoint's statistics and predict with the last entry, the one of the final step (as MAML++
+normalizes the target set after the last update with the statistics of that step).
 """
 
 from __future__ import annotations
@@ -13,7 +18,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.functional import HEAD_KEYS, body_features, forward, head_logits, param_shapes, support_stats
+from models.functional import (
+    HEAD_KEYS,
+    batch_stats_record,
+    body_features,
+    forward,
+    head_logits,
+    param_shapes,
+    running_at,
+    support_stats,
+)
 from models.spec import ModelSpec
 
 
@@ -55,6 +69,8 @@ def adapt(
     adapt_keys: tuple[str, ...] | list[str] | None = None,
     step_lrs: dict[str, torch.Tensor] | None = None,
     keep_trajectory: bool = False,
+    bn_running: dict[str, torch.Tensor] | None = None,
+    record_stats: list | None = None,
 ) -> AdaptResult:
     """K SGD steps from `params` on each task's support set, all T tasks in one batched call.
 
@@ -71,10 +87,17 @@ def adapt(
     step_lrs: LSLR (MAML++): per-parameter, per-step rates, `{name: tensor [S]}`; step i uses entry min(i, S - 1),
       so a model trained with S steps can be adapted for more. Parameters it does not name use `lr`.
     keep_trajectory: also return the fast weights after every step (the multi-step loss needs them).
+    bn_running: the `running` policy: the checkpoint's per-step statistics {bn{i}.mean, bn{i}.var} [S, C]; step i
+      normalizes with entry min(i, S - 1) instead of the support batch's statistics.
+    record_stats: a list that receives, for every step, the support batch's statistics of that step's forward
+      (`models.functional.batch_stats_record`: {bn{i}.mean, bn{i}.var} [T, C], unbiased variance, detached): what
+      the running statistics are estimated from. Not with bn_running (those forwards use no batch statistics).
     """
-    if adapt_keys is not None or step_lrs is not None or keep_trajectory:
+    if (adapt_keys is not None or step_lrs is not None or keep_trajectory or bn_running is not None
+            or record_stats is not None):
         return _adapt_recipe(spec, params, support_x, support_y, steps, lr, second_order=second_order, track=track,
-                             adapt_keys=adapt_keys, step_lrs=step_lrs, keep_trajectory=keep_trajectory)
+                             adapt_keys=adapt_keys, step_lrs=step_lrs, keep_trajectory=keep_trajectory,
+                             bn_running=bn_running, record_stats=record_stats)
     tasks = support_x.shape[0]
     first = next(iter(params))
     needs_meta_grad = params[first].requires_grad
@@ -148,8 +171,9 @@ def _step_rates(keys, lr, step_lrs, step: int) -> list:
 
 
 def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order, track, adapt_keys, step_lrs,
-                  keep_trajectory) -> AdaptResult:
-    """adapt() with the recipe options: a subset of adapted parameters (ANIL), per-step rates (LSLR), trajectory."""
+                  keep_trajectory, bn_running=None, record_stats=None) -> AdaptResult:
+    """adapt() with the recipe options: a subset of adapted parameters (ANIL), per-step rates (LSLR), trajectory,
+    per-step running statistics (or recording the batch statistics they are estimated from)."""
     shapes = param_shapes(spec)
     keys = list(shapes) if adapt_keys is None else list(adapt_keys)
     unknown = sorted(set(keys) - set(shapes))
@@ -160,6 +184,11 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
             if k not in shapes or v.dim() != 1 or v.shape[0] < 1:
                 raise ValueError(f"step_lrs[{k!r}] has shape {list(v.shape)}, expected [steps] for a parameter "
                                  f"of {spec.name} ({list(shapes)})")
+    if bn_running is not None and record_stats is not None:
+        raise ValueError(f"adapt of model {spec.name}: record_stats records batch statistics, but bn_running "
+                         "normalizes with stored ones; expected one of them")
+    if not spec.has_batch_norm:
+        bn_running = record_stats = None  # nothing to normalize (mlp-sinusoid)
     tasks = support_x.shape[0]
     first = next(iter(params))
     needs_meta_grad = params[first].requires_grad
@@ -172,14 +201,30 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
     shots = max(1, support_x.shape[1] // spec.ways)
     head_only = set(keys) <= set(HEAD_KEYS)
     losses, accs, trajectory = [], [], []
+    # ANIL: the body does not change in the inner loop, so its support features (and their batch statistics) are
+    # computed once, once per distinct entry of the running statistics.
+    features: dict[int, tuple[torch.Tensor, list]] = {}
+
+    def support_forward(step: int, record: list | None = None, double_backward: bool = False) -> torch.Tensor:
+        stats = None if bn_running is None else running_at(bn_running, step, tasks)
+        if not head_only:
+            return head_logits(fast, body_features(spec, fast, support_x, double_backward=double_backward,
+                                                   stats=stats, record=record))
+        key = 0 if bn_running is None else min(step, next(iter(bn_running.values())).shape[0] - 1)
+        if key not in features:
+            seen: list = []
+            features[key] = (body_features(spec, fast, support_x, stats=stats,
+                                           record=None if record is None else seen), seen)
+        if record is not None:
+            record.extend(features[key][1])
+        return head_logits(fast, features[key][0])
+
     with torch.enable_grad():
-        # ANIL: the body does not change in the inner loop, so its support features are computed once.
-        feats = body_features(spec, fast, support_x) if head_only else None
         for step in range(steps):
-            if head_only:
-                out = head_logits(fast, feats)
-            else:
-                out = forward(spec, fast, support_x, double_backward=second_order)
+            record = None if record_stats is None else []
+            out = support_forward(step, record, second_order)
+            if record is not None:
+                record_stats.append(batch_stats_record(spec, record, support_x.shape[1]))
             per_task = task_losses(spec, out, support_y, shots)
             if track:
                 _record(spec, out.detach(), per_task.detach(), support_y, losses, accs)
@@ -199,7 +244,7 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
     result = AdaptResult(fast, trajectory=trajectory if keep_trajectory else None)
     if track:
         with torch.no_grad():
-            out = head_logits(fast, feats.detach()) if head_only else forward(spec, fast, support_x)
+            out = support_forward(steps)
             _record(spec, out, task_losses(spec, out, support_y, shots), support_y, losses, accs)
         _finish_tracking(result, losses, accs)
     return result
@@ -213,6 +258,7 @@ def predict(
     bn_policy: str | None = None,
     *,
     stats: dict[str, torch.Tensor] | None = None,
+    bn_running: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Query logits [T, Q, ways] under the model's batch-norm policy (or `bn_policy` to override it).
 
@@ -220,7 +266,15 @@ def predict(
     other queries: given as `stats` (`adaptation_stats`, computed once at adapt time; serving) or computed here by
     forwarding the query rows behind `support_x` (training: differentiable through the statistics).
     `transductive`: the query batch's own statistics.
+    `running`: the last entry (the final step's) of the checkpoint's per-step statistics `bn_running`
+    ({bn{i}.mean, bn{i}.var} [S, C]); every query is normalized on its own, without support set or neighbours.
     """
+    if spec.uses_running_stats(bn_policy):
+        if bn_running is None:
+            raise ValueError(f"model {spec.name} uses bn_policy 'running': predict needs the checkpoint's per-step "
+                             "running statistics (bn_running); expected MetaModel.bn_running")
+        steps = next(iter(bn_running.values())).shape[0]
+        return forward(spec, fast, query_x, stats=running_at(bn_running, steps - 1, query_x.shape[0]))
     if spec.predict_needs_support_stats(bn_policy):
         if stats is not None:
             return forward(spec, fast, query_x, stats=stats)
@@ -235,7 +289,8 @@ def predict(
 def adaptation_stats(spec: ModelSpec, fast: dict[str, torch.Tensor], support_x: torch.Tensor,
                      bn_policy: str | None = None) -> dict[str, torch.Tensor] | None:
     """What predict needs besides the fast weights: the support statistics under the adapted weights when the
-    policy normalizes with them (None otherwise). Computed once, without autograd."""
+    policy normalizes with them (None otherwise: `transductive`, and `running`, whose statistics are the
+    checkpoint's, not the adaptation's). Computed once, without autograd."""
     if not spec.predict_needs_support_stats(bn_policy):
         return None
     with torch.no_grad():

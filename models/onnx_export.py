@@ -134,13 +134,14 @@ def export_onnx(
 
     params: fast weights without task axis (or with a task axis of 1). For the `support` batch-norm policy either
     stats (the adaptation's stored statistics {bn{i}.mean, bn{i}.var} [C], as the server keeps them) or support_x
-    (the task's preprocessed support set [N*K, *input_shape], from which they are computed). bn_policy overrides
+    (the task's preprocessed support set [N*K, *input_shape], from which they are computed). For `running`, stats:
+    the last entry (the final step's) of the checkpoint's running statistics, [C] per layer. bn_policy overrides
     spec.bn_policy.
     metadata: extra metadata_props (e.g. the adaptation id); the model's preprocessing is always written.
     """
     policy = bn_policy or spec.bn_policy
-    if policy not in ("support", "transductive"):
-        raise ValueError(f"bn_policy {policy!r}, expected 'support' or 'transductive'")
+    if policy not in ("support", "transductive", "running"):
+        raise ValueError(f"bn_policy {policy!r}, expected 'support', 'transductive' or 'running'")
     expected = param_shapes(spec)
     params = {k: v[0] if v.dim() == len(expected.get(k, ())) + 1 and v.shape[0] == 1 else v for k, v in params.items()}
     for name, shape in expected.items():
@@ -150,7 +151,10 @@ def export_onnx(
     params = {k: v.detach().float().cpu() for k, v in params.items()}
 
     has_bn = spec.has_batch_norm
-    if has_bn and policy == "support" and stats is not None:
+    if has_bn and policy == "running" and stats is None:
+        raise ValueError(f"model {spec.name} uses bn_policy 'running': export needs the final step's running "
+                         "statistics (stats)")
+    if has_bn and policy in ("support", "running") and stats is not None:
         stats = [(stats[f"bn{i}.mean"].detach().float().cpu().reshape(-1),
                   stats[f"bn{i}.var"].detach().float().cpu().reshape(-1)) for i in bn_layers(spec)]
     elif has_bn and policy == "support":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-BN_POLICIES = ("transductive", "support")
+BN_POLICIES = ("transductive", "support", "running")
 ADAPT_PARAMS = ("all", "head", "no-bn")  # the inner loop updates every parameter (MAML), the head (ANIL), all but BN
 ARCHITECTURES = ("conv4-omniglot", "conv4-miniimagenet", "mlp-omniglot", "mlp-sinusoid")
 
@@ -31,7 +31,10 @@ class ModelSpec:
 
     `inner_lr` and `steps` are the serving defaults; `bn_policy` says how query images are normalized:
     `transductive` uses the batch statistics of whatever is forwarded (the paper's behaviour) and `support`
-    uses the support set's statistics so one query's prediction never depends on the other queries.
+    uses the support set's statistics so one query's prediction never depends on the other queries; `running`
+    (MAML++'s per-step running statistics) normalizes every forward, support and queries alike, with per-layer,
+    per-step statistics the checkpoint carries (MetaModel.bn_running), so a single query needs neither its
+    neighbours nor the support set.
     """
 
     name: str
@@ -73,6 +76,11 @@ class ModelSpec:
         """Whether predict normalizes with the support set's statistics: the `support` policy (the model's own, or
         `policy`) on an architecture with batch norm. The one place this question is answered."""
         return (policy or self.bn_policy) == "support" and self.has_batch_norm
+
+    def uses_running_stats(self, policy: str | None = None) -> bool:
+        """Whether every forward normalizes with the checkpoint's per-step running statistics (`running`, the
+        model's own policy or `policy`) on an architecture with batch norm: adapt and predict then need them."""
+        return (policy or self.bn_policy) == "running" and self.has_batch_norm
 
     @property
     def preprocessing(self) -> str:

@@ -26,6 +26,7 @@ import torch
 
 from kernels.engine import Engine
 from models.checkpoint import MetaModel
+from models.functional import running_at
 from models.onnx_export import export_onnx
 from models.preprocess import preprocess_uint8
 from server.status import Internal, InvalidArgument, ResourceExhausted, Unavailable
@@ -311,6 +312,9 @@ class BatchRunner:
         return [PredictOutcome(out[i], seconds) if ok[i] else non_finite_logits(model) for i in range(len(jobs))]
 
     def export(self, model: MetaModel, params, stats, metadata: dict[str, str]) -> bytes:
-        """One adaptation as a serialized ONNX model (runs on the worker thread: it reads device tensors)."""
+        """One adaptation as a serialized ONNX model (runs on the worker thread: it reads device tensors). A
+        `running`-policy model's statistics are its checkpoint's, the final step's entry, not the adaptation's."""
+        if model.spec.uses_running_stats():
+            stats = running_at(model.bn_running, model.running_steps - 1, 1)
         proto = export_onnx(model.spec, params, stats=stats, metadata=metadata)
         return proto.SerializeToString()

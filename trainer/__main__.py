@@ -28,7 +28,8 @@ def final_evaluation(trainer: Trainer) -> dict:
     path = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
     model = load_checkpoint(path, device=trainer.device)
     result = evaluate(model.spec, model.params, trainer.samplers["test"](), cfg.eval_tasks, cfg.eval_steps,
-                      model.inner_lr(), cfg.eval_chunk, adapt_keys=adapt_keys_of(model), step_lrs=model.step_lrs)
+                      model.inner_lr(), cfg.eval_chunk, adapt_keys=adapt_keys_of(model), step_lrs=model.step_lrs,
+                      bn_running=model.bn_running)
     result.update({"checkpoint": path.name, "iterations": model.provenance.get("iterations"),
                    "train_seconds": model.provenance.get("train_seconds"), "device": model.provenance.get("device"),
                    "split": cfg.split, "report_step": cfg.test_steps})
@@ -38,7 +39,7 @@ def final_evaluation(trainer: Trainer) -> dict:
     if (run / "log.jsonl").exists():
         plot_training(run / "log.jsonl", f"{cfg.name} training", run / "training.png")
     model.provenance["meta_test"] = {k: v for k, v in result.items() if k in ("tasks", "metric", "transductive",
-                                                                                 "support", "report_step")}
+                                                                                 "support", "running", "report_step")}
     save_checkpoint(path, model)
     return result
 

@@ -1,7 +1,8 @@
 """Meta-test evaluation, the paper's protocol, one function for every model, and a command for any checkpoint.
 
 600 tasks from the meta-test split; after every inner step 0..S the query accuracy (or MSE for regression) is
-recorded under both batch-norm policies; mean and 95% confidence interval (1.96 std / sqrt(n)).
+recorded under the batch-norm policies (transductive, support, and running when the checkpoint carries per-step
+running statistics); mean and 95% confidence interval (1.96 std / sqrt(n)).
 
 `python -m trainer.evaluate CHECKPOINT [--tasks 600] [--within-alphabet] [--steps S] [--ways N] [--shots K]
 [--queries Q] [--split background|paper] [--seed SEED] [--out DIR]` meta-tests a checkpoint with its own recipe
@@ -31,7 +32,7 @@ from models.functional import stack_params
 from models.maml import adapt, predict
 from models.spec import ModelSpec
 
-POLICIES = ("transductive", "support")
+POLICIES = ("transductive", "support", "running")  # running: only for models with bn_running
 
 
 def _query_metric(spec: ModelSpec, logits, query_y):
@@ -41,14 +42,22 @@ def _query_metric(spec: ModelSpec, logits, query_y):
 
 
 def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk: int = 100,
-             policies=POLICIES, adapt_keys=None, step_lrs=None) -> dict:
+             policies=None, adapt_keys=None, step_lrs=None, bn_running=None) -> dict:
     """Per-step query accuracy (%) or MSE: {policy: {'mean': [...], 'ci95': [...]}, 'tasks': n, 'metric': ...}.
 
     params: the meta-initialization (no task axis); lr: float or Meta-SGD per-element rates.
     adapt_keys / step_lrs: the recipe's adapted parameters (ANIL: the head) and LSLR per-step rates, as
     models.maml.adapt takes them; step s uses rate s (the last learned one beyond the trained step count).
+    policies: the BN policies to record (None: transductive and support, and running when bn_running is given).
+    bn_running: the checkpoint's per-step running statistics ({bn{i}.mean, bn{i}.var} [S, C]). Under `running` the
+    adaptation itself normalizes with them (step s: entry min(s, S - 1)), so it is a second chain of fast weights,
+    and the queries with the final step's entry, as a served `running` model does.
     The sampler must be seeded for evaluation so every model sees the same tasks.
     """
+    if policies is None:
+        policies = POLICIES if bn_running is not None else POLICIES[:2]
+    if "running" in policies and bn_running is None and not spec.is_regression:
+        raise ValueError(f"policy 'running' for model {spec.name}: expected its running statistics (bn_running)")
     if spec.is_regression:
         policies = ("transductive",)  # no batch norm: one number per step
     per_task = {p: [[] for _ in range(steps + 1)] for p in policies}
@@ -58,23 +67,34 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
     if step_lrs is not None:
         step_lrs = {k: v.detach() for k, v in step_lrs.items()}
     recipe = adapt_keys is not None or step_lrs is not None
+    batch_policies = [p for p in policies if p != "running"]  # adapted with the support batch's statistics
     done = 0
     while done < tasks:
         n = min(chunk, tasks - done)
         b = sampler.sample(n)
         fast = stack_params(params, n)
+        fast_running = fast if "running" in policies else None
         for s in range(steps + 1):
             with torch.no_grad():
-                for p in policies:
+                for p in batch_policies:
                     out = predict(spec, fast, b.query_x, b.support_x, bn_policy=p)
                     per_task[p][s].append(_query_metric(spec, out, b.query_y).cpu())
-            if s < steps and not recipe:
+                if fast_running is not None:
+                    out = predict(spec, fast_running, b.query_x, bn_policy="running", bn_running=bn_running)
+                    per_task["running"][s].append(_query_metric(spec, out, b.query_y).cpu())
+            if s == steps:
+                break
+            rates = None if step_lrs is None else {k: v[min(s, v.shape[0] - 1)].reshape(1)
+                                                   for k, v in step_lrs.items()}
+            if batch_policies and not recipe:
                 fast = adapt(spec, fast, b.support_x, b.support_y, 1, lr).params
-            elif s < steps:
-                rates = None if step_lrs is None else {k: v[min(s, v.shape[0] - 1)].reshape(1)
-                                                       for k, v in step_lrs.items()}
+            elif batch_policies:
                 fast = adapt(spec, fast, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
                              step_lrs=rates).params
+            if fast_running is not None:  # this step's entry of the running statistics, as entry 0 of a 1-step run
+                entry = {k: v[min(s, v.shape[0] - 1)].unsqueeze(0) for k, v in bn_running.items()}
+                fast_running = adapt(spec, fast_running, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
+                                     step_lrs=rates, bn_running=entry).params
         done += n
     result = {"tasks": tasks, "metric": "mse" if spec.is_regression else "accuracy_percent"}
     for p in policies:
@@ -87,6 +107,7 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
 
 
 def results_markdown(name: str, result: dict, report_steps=(0, 1, 3, 5, 10)) -> str:
+    """The per-step table, one column per BN policy evaluated (running only where the model has statistics)."""
     unit = "MSE" if result["metric"] == "mse" else "accuracy %"
     policies = [p for p in POLICIES if p in result]
     lines = [f"### {name}: meta-test {unit}, {result['tasks']} tasks, 95% CI", "",
@@ -260,7 +281,7 @@ def main(argv=None) -> int:
     out = args.out or Path("results") / "evaluate" / f"{args.checkpoint.stem}-{kind}"
     start = time.perf_counter()
     result = evaluate(spec, model.params, sampler, args.tasks, args.steps, model.inner_lr(), args.chunk,
-                      adapt_keys=recipe_adapt_keys(model), step_lrs=model.step_lrs)
+                      adapt_keys=recipe_adapt_keys(model), step_lrs=model.step_lrs, bn_running=model.bn_running)
     seconds = time.perf_counter() - start
     prov = model.provenance
     command = shlex.join(["python", "-m", "trainer.evaluate", *argv])
@@ -271,6 +292,8 @@ def main(argv=None) -> int:
         "shots": args.shots, "queries": args.queries, "steps": args.steps, "seed": args.seed, "chunk": args.chunk,
         "recipe": {"adapt_params": spec.adapt_params, "lr": "LSLR per step" if model.step_lrs is not None else
                    "Meta-SGD per element" if model.inner_lrs is not None else float(spec.inner_lr)},
+        "bn_running": None if model.bn_running is None else {
+            "steps": model.running_steps, "estimated": model.provenance.get("bn_running")},
         "data": data, "notices": warnings, "command": command, "eval_device": str(device),
         "hardware": _hardware(device), "eval_seconds": round(seconds, 2),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -312,10 +335,19 @@ def evaluation_markdown(name: str, result: dict) -> str:
         f"seed {result['seed']}, inner steps 0..{result['steps']} (serving default {result['report_step']}); {test}",
         f"- Hardware: {where} on {hw['host']}, device {result['eval_device']}, torch {hw['torch']}; "
         f"{result['eval_seconds']} s",
+        *([f"- BN running statistics: {_running_line(result['bn_running'])}"] if result.get("bn_running") else []),
         *(f"- NOTICE: {line}" for line in result["notices"]), "",
     ]
     steps = sorted({0, 1, 3, 5, 10, result["report_step"], result["steps"]})
     return "\n".join(lines) + results_markdown(f"{name}, {result['task_kind']} tasks", result, steps)
+
+
+def _running_line(running: dict) -> str:
+    """How the checkpoint's running statistics were estimated, from its provenance (bounded in length)."""
+    how = running.get("estimated") or {}
+    text = f"{running['steps']} steps; " + (", ".join(f"{k} {v}" for k, v in how.items() if k in (
+        "method", "tasks", "updates", "momentum", "split", "variance")) or "no provenance recorded")
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ All tasks of a meta-batch go through the task-stacked reference inner loop (mode
 update is Adam. On CUDA the whole meta-iteration (inner steps, meta-gradient, clipping, all-reduce-free Adam with
 `capturable=True`) is captured once in a CUDA graph and replayed: the sampler writes each new batch into the graph's
 static input buffers.
+
+With `bn_running` (MAML++ BNRS) the learner also keeps per-step batch-norm running statistics: every task's support
+forward at inner step s updates entry s as torch batch norm updates its running mean / var (momentum 0.1: running =
+0.9 running + 0.1 batch, the variance unbiased), tasks in meta-batch order, as MAML++'s per-task loop does. They are
+estimated, not learned: the meta-loss still normalizes with batch statistics.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from models.functional import adapted_keys, init_params
+from models.functional import adapted_keys, init_params, stats_shapes
 from models.maml import adapt, predict, task_accuracy, task_losses
 from models.spec import ModelSpec
 from trainer.config import TrainConfig
@@ -32,6 +37,12 @@ class MetaLearner:
             keys = self.adapt_keys or tuple(self.params)
             self.step_lrs = {k: torch.full((cfg.inner_steps,), cfg.inner_lr, device=device).requires_grad_(True)
                              for k in keys}
+        self.bn_running = None  # BNRS: {bn{i}.mean, bn{i}.var} [inner_steps, C], torch batch norm's initial 0 / 1
+        self.bn_updates = 0  # tasks averaged into every step's entry so far
+        self._recorded = None  # the last meta-loss's per-step support statistics, applied by the update
+        if cfg.bn_running and spec.has_batch_norm:
+            self.bn_running = {k: torch.full((cfg.inner_steps, c), 1.0 if k.endswith(".var") else 0.0, device=device)
+                               for k, (c,) in stats_shapes(spec).items()}
         leaves = list(self.params.values()) + (list(self.inner_lrs.values()) if self.inner_lrs else [])
         leaves += list(self.step_lrs.values()) if self.step_lrs else []
         capturable = device.type == "cuda" and cfg.cuda_graph
@@ -72,9 +83,11 @@ class MetaLearner:
         cfg = self.cfg
         weights = msl_weights(cfg.inner_steps, iteration // cfg.epoch_iterations, cfg.msl_epochs)
         lr = self.inner_lrs if self.inner_lrs is not None else cfg.inner_lr
+        record = [] if self.bn_running is not None else None
         res = adapt(self.spec, self.params, support_x, support_y, cfg.inner_steps, lr,
                     second_order=cfg.second_order_at(iteration), adapt_keys=self.adapt_keys, step_lrs=self.step_lrs,
-                    keep_trajectory=weights is not None)
+                    keep_trajectory=weights is not None, record_stats=record)
+        self._recorded = record
         if weights is None:
             return self._query_loss(res.params, support_x, query_x, query_y)
         # Multi-step loss: the query loss after every inner step, weighted (MAML++); accuracy after the last step.
@@ -89,6 +102,7 @@ class MetaLearner:
             for group in self.optimizer.param_groups:
                 group["lr"] = cosine_lr(self.cfg.meta_lr, self.cfg.min_meta_lr, iteration, self.cfg.iterations)
         loss, acc = self.meta_loss(*batch, iteration=iteration) if self.cfg.uses_recipe else self.meta_loss(*batch)
+        self._update_running(world)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
@@ -105,6 +119,31 @@ class MetaLearner:
                 g.clamp_(-self.cfg.clip_grad, self.cfg.clip_grad)
         self.optimizer.step()
         return loss.detach(), acc
+
+    def _update_running(self, world: int) -> None:
+        """Fold the last meta-loss's per-step support statistics into the running averages: one torch-batch-norm
+        update per task, in meta-batch order (ranks hold consecutive slices, so they gather them in rank order)."""
+        recorded, self._recorded = self._recorded, None
+        if not recorded or self.bn_running is None:
+            return
+        keys = list(self.bn_running)
+        with torch.no_grad():
+            flat = torch.cat([stats[k] for stats in recorded for k in keys], dim=1)  # [T_rank, steps * sum(C)]
+            if world > 1:
+                parts = [torch.empty_like(flat) for _ in range(world)]
+                dist.all_gather(parts, flat.contiguous())
+                flat = torch.cat(parts)
+            tasks, m = flat.shape[0], self.cfg.bn_momentum
+            # (1 - m)^T r + sum_t m (1 - m)^(T - 1 - t) x_t: T sequential updates r <- (1 - m) r + m x_t in one step
+            weights = m * (1 - m) ** torch.arange(tasks - 1, -1, -1, device=flat.device, dtype=flat.dtype)
+            folded = (weights[:, None] * flat).sum(0)
+            offset = 0
+            for step in range(len(recorded)):
+                for k in keys:
+                    entry = self.bn_running[k][step]
+                    entry.mul_((1 - m) ** tasks).add_(folded[offset: offset + entry.numel()])
+                    offset += entry.numel()
+        self.bn_updates += tasks
 
     def step(self, batch, world: int = 1, iteration: int | None = None):
         """One meta-update on batch = (support_x, support_y, query_x, query_y); returns (loss, accuracy) tensors.
@@ -147,6 +186,8 @@ class MetaLearner:
             "inner_lrs": None if self.inner_lrs is None else {k: v.detach().cpu() for k, v in self.inner_lrs.items()},
             "optimizer": self.optimizer.state_dict(),
             **({"step_lrs": {k: v.detach().cpu() for k, v in self.step_lrs.items()}} if self.step_lrs else {}),
+            **({"bn_running": {k: v.cpu() for k, v in self.bn_running.items()}, "bn_updates": self.bn_updates}
+               if self.bn_running is not None else {}),
         }
 
     def load_state_dict(self, state: dict):
@@ -162,6 +203,13 @@ class MetaLearner:
                                      "(was it saved by a run without --lslr?)")
                 for k, v in state["step_lrs"].items():
                     self.step_lrs[k].copy_(v)
+            if self.bn_running is not None:
+                if "bn_running" not in state:
+                    raise ValueError(f"the training state has no running statistics, expected "
+                                     f"{sorted(self.bn_running)} (was it saved by a run without --bn_running true?)")
+                for k, v in state["bn_running"].items():
+                    self.bn_running[k].copy_(v)
+                self.bn_updates = int(state.get("bn_updates", 0))
         self.optimizer.load_state_dict(state["optimizer"])
         self._graph = None  # Adam's state tensors were replaced: capture again
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_steps(result: dict, title: str, path: Path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for policy in ("transductive", "support"):
+    for policy in ("transductive", "support", "running"):
         if policy not in result:
             continue
         mean, ci = result[policy]["mean"], result[policy]["ci95"]

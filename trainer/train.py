@@ -112,6 +112,9 @@ class Trainer:
             self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
         self.dir = Path(cfg.run_dir())
         self.spec = model_spec(cfg)
+        if self.spec.uses_running_stats() and not cfg.bn_running:
+            raise ValueError(f"serve_bn_policy 'running' for {cfg.name}: the checkpoints need running statistics, "
+                             "expected bn_running=True")
         self.samplers, self.split_info = build_samplers(cfg, self.device)
         self.learner = MetaLearner(cfg, self.spec, self.device, torch.Generator().manual_seed(cfg.seed))
         self.init_info = None
@@ -171,17 +174,26 @@ class Trainer:
                   file=sys.stderr)
 
     def meta_model(self, provenance: dict | None = None) -> MetaModel:
-        lrs, step_lrs = self.learner.inner_lrs, self.learner.step_lrs
+        lrs, step_lrs, running = self.learner.inner_lrs, self.learner.step_lrs, self.learner.bn_running
         return MetaModel(self.spec, {k: v.detach().cpu() for k, v in self.learner.params.items()},
                          None if lrs is None else {k: v.detach().cpu() for k, v in lrs.items()},
                          provenance or {},
-                         None if step_lrs is None else {k: v.detach().cpu() for k, v in step_lrs.items()})
+                         None if step_lrs is None else {k: v.detach().cpu() for k, v in step_lrs.items()},
+                         None if running is None else {k: v.detach().cpu().clone() for k, v in running.items()})
 
     def provenance(self, **extra) -> dict:
         return {"config": dataclasses.asdict(self.cfg), "commit": git_commit(), "split": self.split_info,
                 "iterations": self.iteration, "train_seconds": round(self.train_seconds, 1),
                 "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                **({"init_from": self.init_info} if self.init_info else {}), **extra}
+                **({"init_from": self.init_info} if self.init_info else {}),
+                **({"bn_running": self.running_provenance()} if self.learner.bn_running is not None else {}), **extra}
+
+    def running_provenance(self) -> dict:
+        """How the checkpoint's per-step running statistics were estimated (MAML++ BNRS during meta-training)."""
+        return {"method": "ema", "momentum": self.cfg.bn_momentum, "updates": self.learner.bn_updates,
+                "steps": self.cfg.inner_steps, "source": "support forward of every inner step, one update per task",
+                "variance": "unbiased batch variance (as torch batch norm's running_var)",
+                "init": "mean 0, var 1 (torch batch norm)", "split": self.cfg.split, "part": "train"}
 
     # ---- loop ----
     def _log(self, record: dict):

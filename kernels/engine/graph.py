@@ -308,6 +308,8 @@ class GraphBackend:
 
     def predict(self, model: MetaModel, fast, query_x, stats=None, bn_policy=None) -> torch.Tensor:
         """Large batches run as task chunks (kernels.engine.chunking), each chunk a bucket of its own."""
+        if self._uncaptured(model):  # e.g. the `running` BN policy's per-step statistics
+            return self._reference.predict(model, fast, query_x, stats, bn_policy)
         spec = model.spec
         policy = bn_policy or spec.bn_policy
         tasks, stats = check_predict(model, fast, query_x, stats, bn_policy, self.device)

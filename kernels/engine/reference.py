@@ -2,7 +2,9 @@
 
 Batches too large for one call run in task chunks (kernels.engine.chunking: the 32-bit index limit of GPU
 convolutions, and a memory budget). The recipe of a model (ANIL's adapted parameters, MAML++'s per-step rates) is
-its checkpoint's: `recipe_options` passes it to models.maml.adapt, here and in the graph backend.
+its checkpoint's: `recipe_options` passes it to models.maml.adapt, here and in the graph backend. A model served
+under the `running` BN policy (per-step running statistics) is a recipe too: the graph and triton backends, which
+fall back to this path for any recipe, then serve it here.
 """
 
 from __future__ import annotations
@@ -22,12 +24,18 @@ from models.spec import ModelSpec
 
 
 def recipe_options(model: MetaModel) -> dict:
-    """models.maml.adapt's recipe keywords for this model: none for plain MAML / Meta-SGD."""
+    """models.maml.adapt's recipe keywords for this model: none for plain MAML / Meta-SGD.
+
+    A `running`-policy model adds its per-step running statistics (`bn_running`): the graph and triton backends
+    have no program that normalizes with stored statistics during adaptation, so this entry is also what sends
+    them to the reference path."""
     options = {}
     if model.spec.adapt_params != "all":
         options["adapt_keys"] = adapted_keys(model.spec, model.spec.adapt_params)
     if getattr(model, "step_lrs", None) is not None:
         options["step_lrs"] = model.step_lrs
+    if model.spec.uses_running_stats() and getattr(model, "bn_running", None) is not None:
+        options["bn_running"] = model.bn_running
     return options
 
 
@@ -69,7 +77,8 @@ class ReferenceBackend:
         with torch.no_grad():
             return run_chunked(query_x.shape[0], chunk, lambda s: reference_predict(
                 spec, {k: v[s] for k, v in fast.items()}, query_x[s], bn_policy=bn_policy,
-                stats=None if stats is None else {k: v[s] for k, v in stats.items()}))
+                stats=None if stats is None else {k: v[s] for k, v in stats.items()},
+                bn_running=getattr(model, "bn_running", None)))
 
     def adapt_predict(self, model: MetaModel, support_x, support_y, query_x, steps: int, lr, track: bool = True,
                       bn_policy=None) -> tuple[AdaptResult, torch.Tensor]:

@@ -123,10 +123,14 @@ def check_adapt(model: MetaModel, support_x, support_y, steps, lr, query_x=None,
 
 def check_predict(model: MetaModel, fast, query_x, stats, bn_policy, device=None, shared_ok: bool = False):
     """predict inputs; returns (tasks, stats or None). Statistics are required exactly where the policy normalizes
-    with them (ModelSpec.predict_needs_support_stats) and ignored elsewhere."""
+    with them (ModelSpec.predict_needs_support_stats) and ignored elsewhere; `running` needs the model's own
+    running statistics instead."""
     check_images(model, "query_x", query_x, device=device)
     tasks = query_x.shape[0]
     check_fast(model, fast, tasks, device, shared_ok)
+    if model.spec.uses_running_stats(bn_policy) and getattr(model, "bn_running", None) is None:
+        raise ValueError(f"bn_policy 'running' for model {model.name}, which has no running statistics "
+                         "(MetaModel.bn_running); expected 'support' or 'transductive', or a model with them")
     if not model.spec.predict_needs_support_stats(bn_policy):
         return tasks, None
     if stats is None:
