@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import platform
 import sys
@@ -120,7 +121,7 @@ def served_models(folder: Path) -> list[str]:
     for name, _ in CASES:
         model = load_checkpoint(ZOO / f"{name}.pt")
         if model.spec.bn_policy != "support":
-            model = MetaModel(model.spec.with_(bn_policy="support"), model.params, model.inner_lrs, model.provenance)
+            model = dataclasses.replace(model, spec=model.spec.with_(bn_policy="support"))  # recipe fields kept
         save_checkpoint(folder / f"{name}.pt", model)
         names.append(name)
     return names
