@@ -35,10 +35,11 @@ from server.client import FastAdaptClient, add_connection_args, connection_kwarg
 from server.demo import hardware
 from server.launch import REPO_ROOT, ServerProcess
 from trainer.rl.evaluate import TEST_SEED, step_lrs
+from trainer.rl.main import PAPER as NAVIGATION_PAPER
 from trainer.rl.navigation import Navigation2D
 from trainer.rl.sampler import Trajectories, rollout
 
-PAPER = [-40.41, -11.68, -3.33, -3.23]  # Finn et al. 2017, 2D navigation, MAML (Table 4 / Fig. 5)
+PAPER = NAVIGATION_PAPER["navigation-2d"]["mean"]  # Finn et al. 2017, Table 4: 2D navigation, MAML
 TRAINER_RESULTS = REPO_ROOT / "docs" / "results" / "navigation-2d" / "results.json"
 TRAINER_ROW = "MAML (best iterate)"  # models/zoo/navigation-2d.pt is the best iterate (results.json -> training)
 

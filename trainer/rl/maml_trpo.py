@@ -70,8 +70,10 @@ def adapted_params(spec: PolicySpec, params, batch: MetaBatch, lr: float, second
     FOMAML: the meta-gradient is taken at theta' as if theta' - theta were constant)."""
     if second_order:
         return adapt(spec, params, batch.train, batch.train_adv, lr, create_graph=True)
-    fast = adapt(spec, params, batch.train, batch.train_adv, lr, create_graph=False)
     stacked = stack_policy(params, batch.train.tasks)
+    if lr == 0:  # no inner step (the pretrained baseline): theta' = theta, no inner gradient to compute
+        return stacked
+    fast = adapt(spec, params, batch.train, batch.train_adv, lr, create_graph=False)
     return {k: stacked[k] + (fast[k] - stacked[k]).detach() for k in fast}
 
 
