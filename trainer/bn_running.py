@@ -106,11 +106,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = _parser()
     args = p.parse_args(argv)
-    from models.checkpoint import CheckpointError, MetaModel, load_checkpoint, save_checkpoint
-    from trainer.train import build_samplers, git_commit, pick_device
+    from models.checkpoint import MetaModel, save_checkpoint
+    from trainer.evaluate import cli_checkpoint
+    from trainer.train import build_samplers, git_commit
 
-    if not args.checkpoint.is_file():
-        p.error(f"CHECKPOINT {args.checkpoint}: no such file")
     for name, minimum in (("tasks", 1), ("chunk", 1)):
         if getattr(args, name) < minimum:
             p.error(f"--{name} {getattr(args, name)}: expected an integer >= {minimum}")
@@ -124,16 +123,7 @@ def main(argv=None) -> int:
         p.error(f"--out {args.out} is CHECKPOINT itself: expected a new file (the input is never replaced)")
     if args.name is not None and not 0 < len(args.name) <= 128:
         p.error(f"--name {args.name[:40]!r}...: expected 1..128 characters")
-    try:
-        device = pick_device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available")
-    except RuntimeError as exc:
-        p.error(f"--device {args.device}: {exc}")
-    try:
-        model = load_checkpoint(args.checkpoint, device=device)
-    except CheckpointError as exc:
-        p.error(f"CHECKPOINT {exc}")
+    model, device = cli_checkpoint(p, args.checkpoint, args.device)
     spec = model.spec
     if not spec.has_batch_norm:
         p.error(f"CHECKPOINT {args.checkpoint}: a {spec.arch} model has no batch norm, expected conv4-* or "

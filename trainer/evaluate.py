@@ -243,27 +243,34 @@ def _resolve(p: argparse.ArgumentParser, args, model) -> None:
         p.error(f"--split {args.split}: Omniglot's splits, but {args.checkpoint} is a {spec.arch} model")
 
 
+def cli_checkpoint(parser: argparse.ArgumentParser, path: Path, device_name: str):
+    """A command line's CHECKPOINT and --device, checked (exit 2 naming the bad one): (the model on the device,
+    the device). Shared by this command and trainer.bn_running."""
+    from models.checkpoint import CheckpointError, load_checkpoint
+
+    if not path.is_file():
+        parser.error(f"CHECKPOINT {path}: no such file")
+    try:
+        device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
+                              "cpu" if device_name == "auto" else device_name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+    except RuntimeError as exc:
+        parser.error(f"--device {device_name}: {exc}")
+    try:
+        return load_checkpoint(path, device=device), device
+    except CheckpointError as exc:
+        parser.error(f"CHECKPOINT {exc}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = _parser()
     args = p.parse_args(argv)
-    from models.checkpoint import CheckpointError, load_checkpoint
     from trainer.plots import plot_steps
 
-    if not args.checkpoint.is_file():
-        p.error(f"CHECKPOINT {args.checkpoint}: no such file")
-    try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available")
-    except RuntimeError as exc:
-        p.error(f"--device {args.device}: {exc}")
+    model, device = cli_checkpoint(p, args.checkpoint, args.device)
     args.device = device
-    try:
-        model = load_checkpoint(args.checkpoint, device=device)
-    except CheckpointError as exc:
-        p.error(f"CHECKPOINT {exc}")
     _resolve(p, args, model)
     spec, kind, warnings = model.spec, TASK_KINDS[args.within_alphabet], []
     try:

@@ -38,7 +38,7 @@ import torch
 
 from kernels.engine.chunking import run_chunked
 from kernels.engine.graph_cache import GraphCache, query_bucket, task_bucket
-from kernels.engine.reference import ReferenceBackend, recipe_options
+from kernels.engine.reference import ReferenceBackend, needs_reference, recipe_options
 from kernels.engine.validation import check_adapt, check_predict, check_tensor
 from kernels.fused.common import check_precision, kernels_interpreted
 from kernels.fused.program import (
@@ -56,10 +56,7 @@ from models.maml import AdaptResult
 from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-__all__ = ["FUSED_RECIPE", "TritonBackend", "task_bucket"]
-
-# recipe_options keys the fused program implements (adapt_keys: 'all', 'head' or 'no-bn'; step_lrs: LSLR)
-FUSED_RECIPE = frozenset({"adapt_keys", "step_lrs"})
+__all__ = ["TritonBackend", "task_bucket"]
 
 
 @dataclass
@@ -170,9 +167,9 @@ class TritonBackend:
 
     def _fallback(self, model: MetaModel) -> bool:
         arch = model.spec.arch
-        recipe = set(recipe_options(model)) - FUSED_RECIPE
-        if arch in TRITON_ARCHS and not recipe:
+        if arch in TRITON_ARCHS and not needs_reference(model):
             return False
+        recipe = recipe_options(model)
         what = arch if arch not in TRITON_ARCHS else f"{arch} with {', '.join(sorted(recipe))}"
         if what not in self._noted_fallback:
             self._noted_fallback.add(what)
@@ -185,12 +182,12 @@ class TritonBackend:
         a checkpoint's constants: a captured graph reads them at their addresses, part of the key). None: plain
         MAML / Meta-SGD, or ANIL with no per-step rates (the head-only program reads lr as it is)."""
         spec, step_lrs = model.spec, model.step_lrs
-        shapes = param_shapes(spec)
         frozen = frozenset()
         if spec.adapt_params not in ("all", "head"):
-            frozen = frozenset(shapes) - set(adapted_keys(spec, spec.adapt_params))
+            frozen = frozenset(param_shapes(spec)) - set(adapted_keys(spec, spec.adapt_params))
         if step_lrs is None:
             return RecipeRates(frozen) if frozen else None
+        shapes = param_shapes(spec)
         hit = self._recipe_cache.get(id(step_lrs))
         if hit is not None and hit[0] is step_lrs and all(a is b for a, b in zip(hit[1], step_lrs.values())):
             return hit[2]

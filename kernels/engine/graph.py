@@ -18,7 +18,8 @@ recurs (at once inside `warming()`), buckets are kept least recently used with w
 Serving adapts first-order from a meta-initialization that is a constant: no meta-gradient flows out of this backend.
 Recipes are captured too: ANIL's and MAML++'s adapted subsets (part of the key) and LSLR's per-step rates (static
 inputs copied in like the meta-initialization, their shapes part of the key), through models.maml.adapt's own
-recipe options. Recipe options the backend does not know (GRAPH_RECIPE) run on the reference backend.
+recipe options. Recipe options the backend does not know (kernels.engine.reference.needs_reference) run on the
+reference backend.
 With `capture=False` (the CPU tests) a bucket runs the same function eagerly and copies into the same static output
 buffers, so the bucketing, padding and buffer logic is tested without CUDA.
 """
@@ -34,7 +35,7 @@ import torch
 
 from kernels.engine.chunking import default_budget, max_rows, run_chunked, task_chunk
 from kernels.engine.graph_cache import GraphCache, query_bucket, task_bucket
-from kernels.engine.reference import ReferenceBackend, recipe_options
+from kernels.engine.reference import ReferenceBackend, needs_reference, recipe_options
 from kernels.engine.validation import check_adapt, check_predict
 from models.checkpoint import MetaModel
 from models.maml import AdaptResult, adaptation_stats
@@ -84,9 +85,6 @@ def bucket_key(op: str, spec: ModelSpec, tasks: int, support: int, queries: int,
     return BucketKey(op, arch_key(spec), int(tasks), int(support), int(queries), int(steps),
                      lr_type(lr) if lr is not None else "", bool(track), bn_policy, recipe)
 
-
-# recipe_options keys the captured loop implements (models.maml.adapt's adapt_keys and step_lrs)
-GRAPH_RECIPE = frozenset({"adapt_keys", "step_lrs"})
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -283,12 +281,8 @@ class GraphBackend:
         return {"lr": torch.full((), float(lr), dtype=torch.float32, device=self.device)}
 
     # -- the backend interface ---------------------------------------------------------------------------------
-    @staticmethod
-    def _uncaptured(model: MetaModel) -> bool:
-        return bool(set(recipe_options(model)) - GRAPH_RECIPE)
-
     def adapt(self, model: MetaModel, support_x, support_y, steps: int, lr, track: bool) -> AdaptResult:
-        if self._uncaptured(model):
+        if needs_reference(model):
             return self._reference.adapt(model, support_x, support_y, steps, lr, track)
         result, _ = self._adapt_predict(model, support_x, support_y, None, steps, lr, track, None, True)
         return result
@@ -300,7 +294,7 @@ class GraphBackend:
         keep_fast=False skips copying the fast weights out (AdaptResult.params is then empty), for callers that do
         not keep the adaptation.
         """
-        if self._uncaptured(model):
+        if needs_reference(model):
             return self._reference.adapt_predict(model, support_x, support_y, query_x, steps, lr, track, bn_policy)
         if query_x is None:
             raise ValueError("adapt_predict needs query_x, got None")
@@ -308,7 +302,7 @@ class GraphBackend:
 
     def predict(self, model: MetaModel, fast, query_x, stats=None, bn_policy=None) -> torch.Tensor:
         """Large batches run as task chunks (kernels.engine.chunking), each chunk a bucket of its own."""
-        if self._uncaptured(model):  # e.g. the `running` BN policy's per-step statistics
+        if needs_reference(model):  # e.g. the `running` BN policy's per-step statistics
             return self._reference.predict(model, fast, query_x, stats, bn_policy)
         spec = model.spec
         policy = bn_policy or spec.bn_policy

@@ -22,6 +22,15 @@ from models.maml import adapt as reference_adapt
 from models.maml import predict as reference_predict
 from models.spec import ModelSpec
 
+# recipe_options keys that the graph and triton backends implement (adapted subsets, LSLR's per-step rates); a model
+# with any other option (bn_running) runs on the reference path there (`needs_reference`)
+KERNEL_RECIPE = frozenset({"adapt_keys", "step_lrs"})
+
+
+def needs_reference(model: MetaModel) -> bool:
+    """Whether the model's recipe has an option the graph and triton backends do not implement."""
+    return bool(set(recipe_options(model)) - KERNEL_RECIPE)
+
 
 def recipe_options(model: MetaModel) -> dict:
     """models.maml.adapt's recipe keywords for this model: none for plain MAML / Meta-SGD.

@@ -209,13 +209,13 @@ class AdaptProgram:
         if self.recipe is None:
             return [self.lr] * self.steps
         per_step, frozen = self.recipe.per_step, self.recipe.frozen
-        listed = set().union(*per_step) if per_step else set()
         if isinstance(self.lr, dict):
             base = self.lr
         else:
             base = self.base_rates
+            every_step = set.intersection(*map(set, per_step)) if per_step else set()
             for k, buf in base.items():
-                if k in frozen or k in listed and all(k in d for d in per_step):
+                if k in frozen or k in every_step:
                     continue  # never read
                 if isinstance(self.lr, torch.Tensor):
                     buf.copy_(self.lr.expand_as(buf))
