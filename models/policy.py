@@ -50,6 +50,14 @@ class PolicySpec:
     environment clips actions to (the policy's samples are not clipped). Checkpoints written before `baseline_reg`
     and `normalize_advantages` were recorded here were trained with their defaults (rllab's 1e-5, cbfinn's
     `center_adv`).
+
+    `action_scale` s is the parameterization of rllab's `normalize` wrapper, which cbfinn/maml_rl's point
+    environment runs under: the network's outputs are in units of s (mean = s * MLP(obs), std = s * exp(log_std)),
+    so `init_std` and `min_std` are in those units too, while every action the policy emits, takes log-probabilities
+    of, or reports (Predict's action_mean / action_log_std) is in the environment's own units. The VPG gradient with
+    respect to the parameters is that of the normalized policy (log pi differs by the constant -act_dim * log s), so
+    an inner step at lr alpha is the normalized policy's step at alpha. 1 (the default, and every checkpoint from
+    before the field) is the identity.
     """
 
     name: str
@@ -68,6 +76,7 @@ class PolicySpec:
     action_high: float = math.inf
     baseline_reg: float = 1e-5
     normalize_advantages: bool = True
+    action_scale: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -80,6 +89,9 @@ class PolicySpec:
         if not (self.init_std > 0 and self.min_std > 0):
             raise ValueError(f"policy spec {self.name!r}: init_std={self.init_std}, min_std={self.min_std}, "
                              "expected > 0")
+        if not (math.isfinite(self.action_scale) and self.action_scale > 0):
+            raise ValueError(f"policy spec {self.name!r}: action_scale={self.action_scale}, expected a finite "
+                             "value > 0")
 
     @property
     def kind(self) -> str:
@@ -148,7 +160,15 @@ def policy_forward(spec: PolicySpec, params: dict[str, torch.Tensor], obs: torch
 
     Shared params: obs [..., obs_dim], log_std [act_dim]. Task-stacked params: obs [T, ..., obs_dim] (task t uses
     parameters t), log_std [T, 1, ..., 1, act_dim]. log_std is clamped below at log(min_std), as both references.
+    Both are in the environment's units: scaled by `spec.action_scale` when it is not 1.
     """
+    mean, log_std = _forward(spec, params, obs)
+    if spec.action_scale != 1.0:
+        mean, log_std = mean * spec.action_scale, log_std + math.log(spec.action_scale)
+    return mean, log_std
+
+
+def _forward(spec: PolicySpec, params: dict[str, torch.Tensor], obs: torch.Tensor):
     if obs.shape[-1] != spec.obs_dim:
         raise ValueError(f"policy {spec.name}: observations have shape {list(obs.shape)}, expected [..., "
                          f"{spec.obs_dim}]")

@@ -57,6 +57,9 @@ class TrainConfig:
     epoch_iterations: int = 500  # MAML++'s epoch (total_iter_per_epoch): the unit of the MSL anneal
     cosine_lr: bool = False  # MAML++: meta lr cosine-annealed from meta_lr to min_meta_lr over `iterations`
     min_meta_lr: float = 1e-5
+    # The cosine starts here (meta_lr constant before it): a long run resumed at iteration I anneals over I..iterations
+    # with --cosine_lr true --cosine_start I (Adam's saved lr is overridden every iteration while the cosine is on).
+    cosine_start: int = 0
     first_order_iterations: int = 0  # MAML++ derivative-order annealing: first order before this iteration
     init_from: str = ""  # start from this checkpoint's parameters instead of a fresh initialization (provenance)
     # MAML++ BNRS: per-step batch-norm running statistics, an exponential moving average (torch batch norm's momentum
@@ -212,6 +215,9 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argpar
     if cfg.serve_bn_policy == "running" and not cfg.bn_running:
         parser.error("--serve_bn_policy running serves with per-step running statistics; expected --bn_running true "
                      "to estimate them")
+    if cfg.cosine_lr and not 0 <= cfg.cosine_start < cfg.iterations:
+        parser.error(f"--cosine_start {cfg.cosine_start}: the cosine anneals from it to --iterations "
+                     f"{cfg.iterations}, expected 0 <= cosine_start < iterations")
     if cfg.bn_running and not 0 < cfg.bn_momentum <= 1:
         parser.error(f"--bn_momentum {cfg.bn_momentum}: expected 0 < momentum <= 1")
     if cfg.algorithm == "metasgd" and dataclasses.replace(cfg, bn_running=False).uses_recipe:

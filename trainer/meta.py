@@ -100,7 +100,8 @@ class MetaLearner:
     def _backward_and_update(self, batch, world: int, iteration: int | None = None):
         if self.cfg.cosine_lr and iteration is not None:
             for group in self.optimizer.param_groups:
-                group["lr"] = cosine_lr(self.cfg.meta_lr, self.cfg.min_meta_lr, iteration, self.cfg.iterations)
+                group["lr"] = cosine_lr(self.cfg.meta_lr, self.cfg.min_meta_lr, iteration, self.cfg.iterations,
+                                        self.cfg.cosine_start)
         loss, acc = self.meta_loss(*batch, iteration=iteration) if self.cfg.uses_recipe else self.meta_loss(*batch)
         self._update_running(world)
         self.optimizer.zero_grad(set_to_none=False)
@@ -231,7 +232,7 @@ def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float] | None:
     return weights
 
 
-def cosine_lr(start: float, end: float, iteration: int, iterations: int) -> float:
-    """The meta lr at `iteration`: cosine from `start` (iteration 0) to `end` (iteration `iterations`)."""
-    frac = min(max(iteration / max(iterations, 1), 0.0), 1.0)
+def cosine_lr(start: float, end: float, iteration: int, iterations: int, first: int = 0) -> float:
+    """The meta lr at `iteration`: `start` until iteration `first`, then a cosine down to `end` at `iterations`."""
+    frac = min(max((iteration - first) / max(iterations - first, 1), 0.0), 1.0)
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * frac))

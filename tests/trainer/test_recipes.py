@@ -45,6 +45,14 @@ def test_cosine_meta_lr_goes_from_the_meta_lr_to_the_minimum():
     assert cosine_lr(1e-3, 1e-5, 5000, 1000) == pytest.approx(1e-5)  # a run continued past its schedule
 
 
+def test_cosine_from_a_later_iteration_keeps_the_meta_lr_until_then():
+    # A resumed long run anneals from where it is (--cosine_start): constant before, the same cosine shape after.
+    assert cosine_lr(1e-3, 1e-5, 100, 1000, 400) == pytest.approx(1e-3)
+    assert cosine_lr(1e-3, 1e-5, 400, 1000, 400) == pytest.approx(1e-3)
+    assert cosine_lr(1e-3, 1e-5, 700, 1000, 400) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert cosine_lr(1e-3, 1e-5, 1000, 1000, 400) == pytest.approx(1e-5)
+
+
 def test_anil_body_gets_meta_gradients_but_is_not_changed_by_the_inner_loop():
     cfg = apply_recipe(CFG, "anil")
     m = learner(cfg)
@@ -189,6 +197,22 @@ def test_a_maml_plus_plus_run_resumes_bit_for_bit_and_its_checkpoint_carries_the
     model = load_checkpoint(tmp_path / "b" / "run" / "best.pt")
     assert model.spec.adapt_params == "no-bn" and set(model.step_lrs) == set(resumed.learner.step_lrs)
     assert model.step_lrs["conv0.weight"].shape == (2,) and model.provenance["config"]["recipe"] == "maml++"
+
+
+def test_a_constant_lr_run_resumed_with_a_cosine_anneals_from_where_it_stopped(tmp_path):
+    # Adam's saved lr (1e-3 here) must give way to the cosine starting at the resume point.
+    kw = dict(iterations=5, hidden=8, meta_batch=4, meta_lr=1e-3)
+    Trainer(_omniglot_cfg(tmp_path, "anil", **kw)).train()
+    later = dict(kw, iterations=9, cosine_lr=True, cosine_start=5, min_meta_lr=1e-5, meta_lr=2e-3)
+    resumed = Trainer(_omniglot_cfg(tmp_path, "anil", **later), resume=True)
+    assert resumed.iteration == 5 and resumed.learner.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    resumed.train()
+    # The last update ran at iteration 8 of the 5..9 cosine.
+    want = cosine_lr(2e-3, 1e-5, 8, 9, 5)
+    assert resumed.iteration == 9 and resumed.learner.optimizer.param_groups[0]["lr"] == pytest.approx(want)
+    assert 1e-5 < want < 2e-3 * 0.5
+    with pytest.raises(SystemExit):
+        config_from_args(["omniglot-20w1s", "--cosine_lr", "true", "--cosine_start", "9", "--iterations", "9"])
 
 
 def test_init_from_starts_at_another_checkpoints_parameters(tmp_path):

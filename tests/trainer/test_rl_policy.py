@@ -95,3 +95,53 @@ def test_spec_validation_names_the_value():
     with pytest.raises(ValueError, match="nonlinearity 'gelu'"):
         PolicySpec("x", "navigation-2d", 2, 2, nonlinearity="gelu")
     assert PolicySpec.from_dict(SPEC.to_dict()) == SPEC
+
+
+SCALED = PolicySpec("nav", "navigation-2d", 2, 2, hidden=(8, 8), action_scale=0.1)
+
+
+def test_action_scale_puts_the_gaussian_in_environment_units():
+    unit = PolicySpec("nav", "navigation-2d", 2, 2, hidden=(8, 8))
+    g = torch.Generator().manual_seed(2)
+    p = init_policy(SCALED, g)
+    p["log_std"] = torch.tensor([0.2, -0.4])
+    obs = torch.randn(3, 5, 2, generator=g)
+    mean, log_std = policy_forward(SCALED, p, obs)
+    m1, s1 = policy_forward(unit, p, obs)
+    assert torch.allclose(mean, 0.1 * m1, atol=1e-7) and torch.allclose(log_std, s1 + math.log(0.1), atol=1e-6)
+    stacked = stack_policy(p, 3)
+    ms, ss = policy_forward(SCALED, stacked, obs)
+    assert torch.allclose(ms, mean, atol=1e-7) and torch.allclose(ss[:, 0], log_std.expand(3, 2), atol=1e-7)
+    # init_std is in the policy's own units: 1 there is 0.1 in velocity units, as cbfinn's normalized point env
+    assert torch.allclose(policy_forward(SCALED, init_policy(SCALED), obs)[1].exp(), torch.full((2,), 0.1))
+
+
+def test_a_vpg_step_of_a_scaled_policy_is_the_normalized_policys_step():
+    """rllab's normalize: the policy sees actions divided by the scale. Its VPG step on those equals ours on the
+    environment's actions (the log-densities differ by a constant), and differs from an unscaled policy's."""
+    from models.policy_adapt import Trajectories, advantages, vpg_step
+
+    unit = PolicySpec("nav", "navigation-2d", 2, 2, hidden=(8, 8))
+    g = torch.Generator().manual_seed(3)
+    p = init_policy(SCALED, g)
+    obs = torch.randn(2, 4, 6, 2, generator=g)
+    actions = 0.1 * torch.randn(2, 4, 6, 2, generator=g)  # velocities, as a client sends them
+    traj = Trajectories(obs, actions, -torch.rand(2, 4, 6, generator=g), torch.tensor([[6, 3, 6, 1], [2, 6, 6, 5]]))
+    adv = advantages(traj, 0.99)
+    ours = vpg_step(SCALED, p, traj, adv, 0.1)
+    normalized = vpg_step(unit, p, Trajectories(obs, actions / 0.1, traj.rewards, traj.lengths), adv, 0.1)
+    plain = vpg_step(unit, p, traj, adv, 0.1)
+    for k in ours:
+        torch.testing.assert_close(ours[k], normalized[k], atol=1e-6, rtol=1e-5)
+    assert max((ours[k] - plain[k]).abs().max().item() for k in ours) > 1e-2
+
+
+def test_action_scale_round_trips_and_old_checkpoints_read_as_unscaled(tmp_path):
+    model = PolicyModel(SCALED, init_policy(SCALED, torch.Generator().manual_seed(0)))
+    assert load_policy(save_policy(tmp_path / "s.pt", model)).spec.action_scale == 0.1
+    old = SCALED.to_dict()
+    del old["action_scale"]  # written before the field existed
+    assert PolicySpec.from_dict(old).action_scale == 1.0
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"action_scale={bad}, expected a finite value > 0"):
+            PolicySpec("x", "navigation-2d", 2, 2, action_scale=bad)

@@ -139,6 +139,9 @@ def test_pretrained_resume_continues_exactly_and_refuses_another_algorithm(tmp_p
     maml = dataclasses.replace(small, algorithm="maml", iterations=3, out_dir=str(tmp_path / "b"))
     with pytest.raises(ValueError, match=r"state at .*state\.pt was trained with --algorithm pretrained, not maml"):
         RLTrainer(maml, resume=True)
+    scaled = dataclasses.replace(small, iterations=3, out_dir=str(tmp_path / "b"), action_scale=0.1)
+    with pytest.raises(ValueError, match=r"trained with --action_scale 1, not 0.1; resume it with --action_scale 1"):
+        RLTrainer(scaled, resume=True)
 
 
 def test_cli_refuses_a_bad_algorithm_with_exit_code_2(capsys):
@@ -151,7 +154,8 @@ def test_cli_refuses_a_bad_algorithm_with_exit_code_2(capsys):
                           (["halfcheetah-dir", "--algorithm", "MAML"],
                            "--algorithm 'MAML', expected maml or pretrained"),
                           (["navigation-2d", "--algorithm", "pretrained", "--first_order", "true"],
-                           "--first_order true with --algorithm pretrained, expected false")):
+                           "--first_order true with --algorithm pretrained, expected false"),
+                          (["navigation-2d", "--action_scale", "0"], "--action_scale 0.0, expected a finite value > 0")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2

@@ -15,6 +15,7 @@ with exactly MAML's VPG steps (`SOURCES["algorithm"]`, `SOURCES["pretrained.*"]`
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class RLConfig:
     layers: int = 2
     nonlinearity: str = "relu"
     init_std: float = 1.0
+    action_scale: float = 1.0  # policy outputs in units of this (rllab normalize): mean = s * MLP, std = s * exp(.)
     inner_lr: float = 0.1
     eval_lr: float = 0.05  # the inner lr of adaptation steps after the first at evaluation
     discount: float = 0.99
@@ -80,6 +82,10 @@ SOURCES = {
     "hidden": "paper A.2, cbfinn: 2 hidden layers of 100 (pytorch-maml-rl's yaml: 64, 64 tanh)",
     "nonlinearity": "paper A.2, cbfinn: ReLU",
     "init_std": "cbfinn (rllab GaussianMLPPolicy init_std=1), pytorch-maml-rl NormalMLPPolicy init_std=1.0",
+    "action_scale": "cbfinn maml_trpo_point.py: TfEnv(normalize(PointEnvRandGoal())), rllab's normalize maps a "
+                    "policy output in [-1, 1] to the action box [-0.1, 0.1], i.e. the policy is parameterized in "
+                    "units of 0.1 (its init_std 1 is 0.1 in velocity units); the environment still receives and "
+                    "clips velocities (models.policy.PolicySpec.action_scale). pytorch-maml-rl: no rescaling (1)",
     "inner_lr": "paper 5.3 and pytorch-maml-rl fast-lr: 0.1 (cbfinn's released script: 0.5 in rllab-normalized "
                 "action units, actions in [-1, 1] rescaled by 0.1)",
     "eval_lr": "paper 5.3: halve the learning rate after the first step (cbfinn test_maml_point.py: 0.5 then 0.25)",
@@ -177,6 +183,8 @@ def check_config(cfg: RLConfig) -> RLConfig:
     if cfg.gae_lambda != 1.0:
         raise ValueError(f"--gae_lambda {cfg.gae_lambda}, expected 1.0 (the only value implemented: returns - "
                          "baseline, as both references use)")
+    if not (math.isfinite(cfg.action_scale) and cfg.action_scale > 0):
+        raise ValueError(f"--action_scale {cfg.action_scale}, expected a finite value > 0")
     for key in ("meta_batch", "trajectories", "horizon", "hidden", "layers", "eval_tasks", "eval_trajectories"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key} {getattr(cfg, key)}, expected >= 1")

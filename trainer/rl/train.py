@@ -50,7 +50,7 @@ def policy_spec(cfg: RLConfig, env) -> PolicySpec:
                       nonlinearity=cfg.nonlinearity, init_std=cfg.init_std, inner_lr=cfg.inner_lr, steps=1,
                       discount=cfg.discount, baseline="linear-feature", action_low=env.action_low,
                       action_high=env.action_high, baseline_reg=cfg.baseline_reg,
-                      normalize_advantages=cfg.normalize_advantages)
+                      normalize_advantages=cfg.normalize_advantages, action_scale=cfg.action_scale)
 
 
 def trpo_settings(cfg: RLConfig) -> TRPOSettings:
@@ -118,6 +118,11 @@ class RLTrainer:
         if saved != self.cfg.algorithm:
             raise ValueError(f"--resume: the state at {path} was trained with --algorithm {saved}, not "
                              f"{self.cfg.algorithm}; resume it with --algorithm {saved} or use another --out_dir")
+        scale = state.get("config", {}).get("action_scale", 1.0)  # states from before the field: 1
+        if scale != self.cfg.action_scale:
+            raise ValueError(f"--resume: the state at {path} was trained with --action_scale {scale:g}, not "
+                             f"{self.cfg.action_scale:g}; resume it with --action_scale {scale:g} or use another "
+                             "--out_dir")
         self.iteration, self.train_seconds = state["iteration"], state["train_seconds"]
         self.params, self.best = state["params"], state["best"]
         self.generator.set_state(state["generator"])

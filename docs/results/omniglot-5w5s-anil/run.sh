@@ -3,4 +3,4 @@
 # niced, then meta-tests and copies the results and the model here (scripts/long_run.sh).
 #   docs/results/omniglot-5w5s-anil/run.sh                      # until 00:05 UTC (STOP_AT=HH:MM: its next occurrence)
 #   MAX_SECONDS=7200 docs/results/omniglot-5w5s-anil/run.sh     # or: two more hours
-exec "$(dirname "$0")/../../../scripts/long_run.sh" omniglot-5w5s docs/results/omniglot-5w5s-anil models/zoo/omniglot-5w5s.pt 00:05
+exec "$(dirname "$0")/../../../scripts/long_run.sh" omniglot-5w5s docs/results/omniglot-5w5s-anil models/zoo/omniglot-5w5s.pt 00:05 "$@"
