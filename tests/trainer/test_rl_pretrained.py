@@ -155,7 +155,8 @@ def test_cli_refuses_a_bad_algorithm_with_exit_code_2(capsys):
                            "--algorithm 'MAML', expected maml or pretrained"),
                           (["navigation-2d", "--algorithm", "pretrained", "--first_order", "true"],
                            "--first_order true with --algorithm pretrained, expected false"),
-                          (["navigation-2d", "--action_scale", "0"], "--action_scale 0.0, expected a finite value > 0")):
+                          (["navigation-2d", "--action_scale", "0"],
+                           "--action_scale 0.0, expected a finite value > 0")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2

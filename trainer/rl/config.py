@@ -15,8 +15,8 @@ with exactly MAML's VPG steps (`SOURCES["algorithm"]`, `SOURCES["pretrained.*"]`
 from __future__ import annotations
 
 import argparse
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from trainer.config import _parse_value
