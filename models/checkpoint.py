@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from models.functional import param_shapes, stats_shapes
+from models.functional import bn_param_keys, param_shapes, stats_shapes
 from models.spec import ModelSpec
 
 FORMAT = "fastadapt-checkpoint"
@@ -39,12 +39,25 @@ class MetaModel:
     # inner steps they were estimated for (provenance["bn_running"] says how); what the `running` policy normalizes
     # with. None: not estimated.
     bn_running: dict[str, torch.Tensor] | None = None
+    # BNWB (MAML++): per-step batch-norm weights, {bn{i}.weight, bn{i}.bias: tensor [S, C]}, meta-learned, never
+    # adapted; inner step s uses row min(s, S - 1). `params`' own bn{i}.weight / bias hold row S - 1, so whatever
+    # ignores this field predicts as the final step does. None: one gamma / beta for all steps.
+    step_bn: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.spec.uses_running_stats() and self.bn_running is None:
             raise ValueError(f"model {self.spec.name} has bn_policy 'running' but no running statistics (bn_running); "
                              "expected them estimated (python -m trainer.bn_running, or training with --bn_running "
                              "true) or another bn_policy")
+        if self.step_bn is not None and self.spec.adapt_params == "all":
+            raise ValueError(f"model {self.spec.name} has per-step batch-norm weights (step_bn) but adapt_params "
+                             "'all' adapts the batch-norm weights in the inner loop; expected adapt_params no-bn or "
+                             "head")
+
+    @property
+    def bn_steps(self) -> int | None:
+        """S, the inner steps with their own batch-norm weights (None: the model has no step_bn)."""
+        return None if not self.step_bn else int(next(iter(self.step_bn.values())).shape[0])
 
     @property
     def name(self) -> str:
@@ -58,7 +71,7 @@ class MetaModel:
     def to(self, device) -> MetaModel:
         move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return MetaModel(self.spec, move(self.params), move(self.inner_lrs), self.provenance, move(self.step_lrs),
-                         move(self.bn_running))
+                         move(self.bn_running), move(self.step_bn))
 
     # Learning-rate resolution, the one place it happens: an override (a client's inner_lr; 0 / None = none) wins,
     # then the checkpoint's learned rates (Meta-SGD per element, or LSLR per layer and step), then the spec default.
@@ -100,6 +113,8 @@ def save_checkpoint(path: str | os.PathLike, model: MetaModel) -> Path:
         payload["step_lrs"] = {k: v.detach().cpu().contiguous() for k, v in model.step_lrs.items()}
     if model.bn_running is not None:  # likewise optional
         payload["bn_running"] = {k: v.detach().cpu().contiguous() for k, v in model.bn_running.items()}
+    if model.step_bn is not None:  # likewise optional
+        payload["step_bn"] = {k: v.detach().cpu().contiguous() for k, v in model.step_bn.items()}
     return atomic_save(payload, path)
 
 
@@ -183,6 +198,38 @@ def _check_bn_running(path, spec: ModelSpec, running):
                                   "expected >= 0")
 
 
+def _check_step_bn(path, spec: ModelSpec, step_bn):
+    """{bn{i}.weight, bn{i}.bias}: float32 [S, C] for every batch-norm layer, one S >= 1 for all, finite; a recipe
+    that keeps them out of the inner loop (adapt_params no-bn or head)."""
+    shapes = param_shapes(spec)
+    expected = bn_param_keys(spec)
+    if not expected:
+        raise CheckpointError(f"{path}: 'step_bn' is given, but {spec.arch} has no batch norm; expected none")
+    if spec.adapt_params == "all":
+        raise CheckpointError(f"{path}: 'step_bn' is given, but adapt_params 'all' adapts the batch-norm weights in "
+                              "the inner loop; expected adapt_params no-bn or head")
+    if not isinstance(step_bn, dict):
+        raise CheckpointError(f"{path}: 'step_bn' is {type(step_bn).__name__}, expected a dict of tensors")
+    missing, extra = sorted(set(expected) - set(step_bn)), sorted(set(step_bn) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{path}: 'step_bn' does not fit {spec.arch}: missing {missing}, unexpected "
+                              f"{extra[:8]}")
+    steps = None
+    for name in expected:
+        t, (channels,) = step_bn[name], shapes[name]
+        if (not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] < 1 or t.shape[1] != channels
+                or t.dtype != torch.float32):
+            got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{path}: 'step_bn.{name}' is {got}, expected a float32 tensor [steps, "
+                                  f"{channels}]")
+        if steps is not None and t.shape[0] != steps:
+            raise CheckpointError(f"{path}: 'step_bn.{name}' holds {t.shape[0]} steps, the other tensors {steps}; "
+                                  "expected one step count for all")
+        steps = t.shape[0]
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: 'step_bn.{name}' holds NaN or Inf values")
+
+
 def load_checkpoint(path: str | os.PathLike, *, expect_arch: str | None = None, device="cpu") -> MetaModel:
     """Load and validate a checkpoint; `expect_arch` refuses a file of another architecture."""
     path = Path(path)
@@ -216,5 +263,9 @@ def load_checkpoint(path: str | os.PathLike, *, expect_arch: str | None = None, 
     elif spec.uses_running_stats():
         raise CheckpointError(f"{path}: bn_policy 'running' but no 'bn_running' statistics; expected them estimated "
                               "(python -m trainer.bn_running) or another bn_policy")
-    model = MetaModel(spec, payload["params"], inner_lrs, payload.get("provenance") or {}, step_lrs, bn_running)
+    step_bn = payload.get("step_bn")
+    if step_bn is not None:
+        _check_step_bn(path, spec, step_bn)
+    model = MetaModel(spec, payload["params"], inner_lrs, payload.get("provenance") or {}, step_lrs, bn_running,
+                      step_bn)
     return model.to(device)

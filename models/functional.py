@@ -12,7 +12,9 @@ statistics once (per layer mean and biased variance, [T, C]), and `forward(..., 
 a served adaptation keeps its statistics and Predict forwards the query rows alone.
 
 The `running` policy (MAML++'s per-step running statistics) passes the same `stats=`: one step's entry of the
-checkpoint's `bn_running` ({bn{i}.mean, bn{i}.var} [S, C], see `running_at`), broadcast to the T tasks.
+checkpoint's `bn_running` ({bn{i}.mean, bn{i}.var} [S, C], see `running_at`), broadcast to the T tasks. MAML++'s
+per-step batch-norm weights (`step_bn`, {bn{i}.weight, bn{i}.bias} [S, C]) are ordinary parameters here: the inner
+loop puts one step's row into the task-stacked gamma / beta (`step_bn_at`).
 """
 
 from __future__ import annotations
@@ -159,8 +161,14 @@ def adapted_keys(spec: ModelSpec, which: str = "all") -> tuple[str, ...]:
     if which == "head":
         return HEAD_KEYS
     if which == "no-bn":
-        return tuple(k for k in names if not k.startswith("bn"))
+        return tuple(k for k in names if k not in bn_param_keys(spec))
     raise ValueError(f"adapt_params {which!r} for model {spec.name}, expected one of {ADAPT_PARAMS}")
+
+
+def bn_param_keys(spec: ModelSpec) -> tuple[str, ...]:
+    """The batch-norm gamma / beta names (bn{i}.weight, bn{i}.bias): the parameters `no-bn` keeps out of the inner
+    loop, and the ones per-step batch-norm weights (MAML++ `step_bn`) give a row per inner step."""
+    return tuple(k for k in param_shapes(spec) if k.startswith("bn"))
 
 
 def body_features(spec: ModelSpec, params: dict[str, torch.Tensor], x: torch.Tensor, stat_rows: int | None = None,
@@ -306,3 +314,9 @@ def running_at(running: dict[str, torch.Tensor], step: int, tasks: int) -> dict[
     """The per-step running statistics ({bn{i}.mean, bn{i}.var} [S, C]) of inner step `step`: entry
     min(step, S - 1), so a model estimated for S steps adapts for more, as task-stacked `stats` [T, C] (views)."""
     return {k: v[min(step, v.shape[0] - 1)].unsqueeze(0).expand(tasks, v.shape[1]) for k, v in running.items()}
+
+
+def step_bn_at(step_bn: dict[str, torch.Tensor], step: int, tasks: int) -> dict[str, torch.Tensor]:
+    """The per-step batch-norm weights ({bn{i}.weight, bn{i}.bias} [S, C], MAML++) of inner step `step`: row
+    min(step, S - 1), as task-stacked parameters [T, C] (broadcast views: the meta-gradient reaches the row)."""
+    return {k: v[min(step, v.shape[0] - 1)].unsqueeze(0).expand(tasks, v.shape[1]) for k, v in step_bn.items()}

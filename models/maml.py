@@ -9,6 +9,10 @@ Batch norm normalizes the support forward of every inner step with the support b
 the `running` policy (MAML++'s per-step running statistics, `bn_running`): step s normalizes with entry
 min(s, S - 1) of the checkpoint's statistics and predict with the last entry, the one of the final step (as MAML++
 normalizes the target set after the last update with the statistics of that step).
+
+MAML++'s per-step batch-norm weights (`step_bn`, {bn{i}.weight, bn{i}.bias} [S, C]: a learned gamma / beta for every
+inner step, never adapted) work the same way: the support forward of step s uses row min(s, S - 1), and the fast
+weights adapt returns hold the last row, so predict needs nothing besides them.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import torch.nn.functional as F
 from models.functional import (
     HEAD_KEYS,
     batch_stats_record,
+    bn_param_keys,
     body_features,
     forward,
     head_logits,
     param_shapes,
     running_at,
+    step_bn_at,
     support_stats,
 )
 from models.spec import ModelSpec
@@ -71,6 +77,7 @@ def adapt(
     keep_trajectory: bool = False,
     bn_running: dict[str, torch.Tensor] | None = None,
     record_stats: list | None = None,
+    step_bn: dict[str, torch.Tensor] | None = None,
 ) -> AdaptResult:
     """K SGD steps from `params` on each task's support set, all T tasks in one batched call.
 
@@ -92,12 +99,17 @@ def adapt(
     record_stats: a list that receives, for every step, the support batch's statistics of that step's forward
       (`models.functional.batch_stats_record`: {bn{i}.mean, bn{i}.var} [T, C], unbiased variance, detached): what
       the running statistics are estimated from. Not with bn_running (those forwards use no batch statistics).
+    step_bn: per-step batch-norm weights (MAML++), {bn{i}.weight, bn{i}.bias} [S, C]: the support forward of step i
+      uses row min(i, S - 1) in place of the parameters' gamma / beta (the meta-gradient flows to the rows used),
+      and the fast weights returned hold row S - 1, the final step's (also for 0 steps, and when fewer than S steps
+      run: what the model predicts with after any number of steps). A trajectory entry after step i holds row
+      min(i, S - 1), the step's own, as MAML++'s per-step target losses use it. Their keys must not be adapted.
     """
     if (adapt_keys is not None or step_lrs is not None or keep_trajectory or bn_running is not None
-            or record_stats is not None):
+            or record_stats is not None or step_bn is not None):
         return _adapt_recipe(spec, params, support_x, support_y, steps, lr, second_order=second_order, track=track,
                              adapt_keys=adapt_keys, step_lrs=step_lrs, keep_trajectory=keep_trajectory,
-                             bn_running=bn_running, record_stats=record_stats)
+                             bn_running=bn_running, record_stats=record_stats, step_bn=step_bn)
     tasks = support_x.shape[0]
     first = next(iter(params))
     needs_meta_grad = params[first].requires_grad
@@ -171,9 +183,10 @@ def _step_rates(keys, lr, step_lrs, step: int) -> list:
 
 
 def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order, track, adapt_keys, step_lrs,
-                  keep_trajectory, bn_running=None, record_stats=None) -> AdaptResult:
+                  keep_trajectory, bn_running=None, record_stats=None, step_bn=None) -> AdaptResult:
     """adapt() with the recipe options: a subset of adapted parameters (ANIL), per-step rates (LSLR), trajectory,
-    per-step running statistics (or recording the batch statistics they are estimated from)."""
+    per-step running statistics (or recording the batch statistics they are estimated from), per-step batch-norm
+    weights."""
     shapes = param_shapes(spec)
     keys = list(shapes) if adapt_keys is None else list(adapt_keys)
     unknown = sorted(set(keys) - set(shapes))
@@ -187,6 +200,7 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
     if bn_running is not None and record_stats is not None:
         raise ValueError(f"adapt of model {spec.name}: record_stats records batch statistics, but bn_running "
                          "normalizes with stored ones; expected one of them")
+    bn_steps = None if step_bn is None else _check_step_bn(spec, step_bn, keys)
     if not spec.has_batch_norm:
         bn_running = record_stats = None  # nothing to normalize (mlp-sinusoid)
     tasks = support_x.shape[0]
@@ -202,15 +216,21 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
     head_only = set(keys) <= set(HEAD_KEYS)
     losses, accs, trajectory = [], [], []
     # ANIL: the body does not change in the inner loop, so its support features (and their batch statistics) are
-    # computed once, once per distinct entry of the running statistics.
-    features: dict[int, tuple[torch.Tensor, list]] = {}
+    # computed once, once per distinct entry of the running statistics and row of the per-step BN weights.
+    features: dict[tuple[int, int], tuple[torch.Tensor, list]] = {}
+    row = 0  # the row of step_bn that fast's gamma / beta hold
+
+    def with_row(weights: dict, r: int) -> dict:
+        nonlocal row
+        row = r
+        return {**weights, **step_bn_at(step_bn, r, tasks)}
 
     def support_forward(step: int, record: list | None = None, double_backward: bool = False) -> torch.Tensor:
         stats = None if bn_running is None else running_at(bn_running, step, tasks)
         if not head_only:
             return head_logits(fast, body_features(spec, fast, support_x, double_backward=double_backward,
                                                    stats=stats, record=record))
-        key = 0 if bn_running is None else min(step, next(iter(bn_running.values())).shape[0] - 1)
+        key = (0 if bn_running is None else min(step, next(iter(bn_running.values())).shape[0] - 1), row)
         if key not in features:
             seen: list = []
             features[key] = (body_features(spec, fast, support_x, stats=stats,
@@ -221,6 +241,8 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
 
     with torch.enable_grad():
         for step in range(steps):
+            if bn_steps is not None:  # this step's gamma / beta: its forward and the trajectory entry after it
+                fast = with_row(fast, min(step, bn_steps - 1))
             record = None if record_stats is None else []
             out = support_forward(step, record, second_order)
             if record is not None:
@@ -236,6 +258,8 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
             fast = {**fast, **updated}
             if keep_trajectory:
                 trajectory.append(fast)
+    if bn_steps is not None:  # what the adaptation predicts with: the final step's row
+        fast = with_row(fast, bn_steps - 1)
     if not needs_meta_grad:
         fast = {k: v.detach() for k, v in fast.items()}
         trajectory = [{k: v.detach() for k, v in t.items()} for t in trajectory]
@@ -248,6 +272,31 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
             _record(spec, out, task_losses(spec, out, support_y, shots), support_y, losses, accs)
         _finish_tracking(result, losses, accs)
     return result
+
+
+def _check_step_bn(spec: ModelSpec, step_bn: dict[str, torch.Tensor], keys: list[str]) -> int:
+    """Per-step batch-norm weights: batch-norm gamma / beta names, [S, C] with one S >= 1 for all, none adapted.
+    Returns S."""
+    shapes, names = param_shapes(spec), bn_param_keys(spec)
+    unknown = sorted(set(step_bn) - set(names))
+    if unknown or not step_bn:
+        raise ValueError(f"step_bn {sorted(step_bn)!r} for model {spec.name}: expected a non-empty subset of its "
+                         f"batch-norm weights {list(names)}")
+    adapted = sorted(set(step_bn) & set(keys))
+    if adapted:
+        raise ValueError(f"step_bn {adapted!r} for model {spec.name}: these are also adapted in the inner loop; "
+                         "per-step batch-norm weights are meta-learned only, expected adapt_keys without them "
+                         "(adapt_params no-bn or head)")
+    counts = set()
+    for k, v in step_bn.items():
+        if v.dim() != 2 or v.shape[0] < 1 or v.shape[1] != shapes[k][0]:
+            raise ValueError(f"step_bn[{k!r}] has shape {list(v.shape)}, expected [steps, {shapes[k][0]}] for "
+                             f"model {spec.name}")
+        counts.add(v.shape[0])
+    if len(counts) > 1:
+        raise ValueError(f"step_bn for model {spec.name} holds {sorted(counts)} steps, expected one step count for "
+                         "all of its tensors")
+    return counts.pop()
 
 
 def predict(

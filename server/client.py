@@ -133,6 +133,7 @@ def model_info_dict(m: pb.ModelInfo) -> dict:
         "ready": m.ready, "not_ready_reason": m.not_ready_reason, "recipe": m.recipe, "adapt_params": m.adapt_params,
         "kind": m.kind, "observation_size": m.observation_size, "action_size": m.action_size, "discount": m.discount,
         "baseline": m.baseline, "output_size": m.output_size, "action_low": m.action_low, "action_high": m.action_high,
+        "per_step_bn_steps": m.per_step_bn_steps,
     }
 
 

@@ -29,7 +29,7 @@ def final_evaluation(trainer: Trainer) -> dict:
     model = load_checkpoint(path, device=trainer.device)
     result = evaluate(model.spec, model.params, trainer.samplers["test"](), cfg.eval_tasks, cfg.eval_steps,
                       model.inner_lr(), cfg.eval_chunk, adapt_keys=adapt_keys_of(model), step_lrs=model.step_lrs,
-                      bn_running=model.bn_running)
+                      bn_running=model.bn_running, step_bn=model.step_bn)
     result.update({"checkpoint": path.name, "iterations": model.provenance.get("iterations"),
                    "train_seconds": model.provenance.get("train_seconds"), "device": model.provenance.get("device"),
                    "split": cfg.split, "report_step": cfg.test_steps})

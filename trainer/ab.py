@@ -30,6 +30,7 @@ ARMS: dict[str, tuple[str, dict]] = {
     "maml++/second-order": ("maml++", {"first_order_iterations": 0}),  # the 20-way repository config (-1)
     "anil": ("anil", {}),
     "maml+fo-warmup": ("maml+fo-warmup", {}),  # = fomaml within a few minutes
+    "maml+per-step-bn": ("maml+per-step-bn", {}),  # BN gamma / beta outer-loop only, a row per inner step
 }
 
 
@@ -42,7 +43,8 @@ def run_arm(name: str, base, cpu_seconds: float, eval_every: float, eval_tasks: 
 
     def meta_test():
         res = evaluate(trainer.spec, learner.params, trainer.samplers["test"](), eval_tasks, cfg.test_steps,
-                       cfg.inner_lr, 100, adapt_keys=learner.adapt_keys, step_lrs=learner.step_lrs)
+                       cfg.inner_lr, 100, adapt_keys=learner.adapt_keys, step_lrs=learner.step_lrs,
+                       step_bn=learner.step_bn)
         s = cfg.test_steps
         points.append({"cpu_minutes": round(spent / 60, 3), "iterations": iteration,
                        **{p: {"mean": res[p]["mean"][s], "ci95": res[p]["ci95"][s]} for p in ("transductive",

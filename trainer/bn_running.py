@@ -2,11 +2,12 @@
 
 `python -m trainer.bn_running CHECKPOINT --out NEW.pt [--tasks 500] [--steps S] [--seed SEED] [--chunk C]
 [--policy running|support|transductive] [--name NAME] [--device D] [--data-root DIR]` adapts the checkpoint with
-its own recipe (adapted parameters, LSLR / Meta-SGD rates) on `--tasks` meta-training tasks, drawn as its training
-drew them (the meta-train classes of its split, its ways, shots and rotations), and records the support batch's
-statistics of every inner step 0..S-1; entry s of `bn_running` is their plain mean over the tasks, the variance
-unbiased as torch batch norm accumulates its running_var. Per-step body weights give per-step statistics; under
-ANIL (only the head adapts) every step gets the body's same statistics.
+its own recipe (adapted parameters, LSLR / Meta-SGD rates, per-step batch-norm weights) on `--tasks` meta-training
+tasks, drawn as its training drew them (the meta-train classes of its split, its ways, shots and rotations), and
+records the support batch's statistics of every inner step 0..S-1; entry s of `bn_running` is their plain mean over
+the tasks, the variance unbiased as torch batch norm accumulates its running_var. Per-step body weights give
+per-step statistics; under ANIL (only the head adapts) every step gets the body's same statistics (unless per-step
+batch-norm weights change the body from step to step).
 
 The new checkpoint holds the same tensors plus `bn_running`, its spec's bn_policy set to --policy (default running)
 and its name to --name (default NAME-running, so it can be served beside the original), and records how the
@@ -82,7 +83,8 @@ def estimate(model, sampler, tasks: int, steps: int, chunk: int) -> tuple[dict[s
         b = sampler.sample(n)
         record: list = []
         adapt(model.spec, model.params, b.support_x, b.support_y, steps, model.inner_lr(),
-              adapt_keys=recipe_adapt_keys(model), step_lrs=model.step_lrs, record_stats=record)
+              adapt_keys=recipe_adapt_keys(model), step_lrs=model.step_lrs, record_stats=record,
+              step_bn=model.step_bn)
         for s, stats in enumerate(record):
             for k in keys:
                 sums[k][s] += stats[k].double().sum(0).cpu()
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
     new = MetaModel(spec.with_(name=name, bn_policy=args.policy), {k: v.cpu() for k, v in model.params.items()},
                     None if model.inner_lrs is None else {k: v.cpu() for k, v in model.inner_lrs.items()},
                     provenance, None if model.step_lrs is None else {k: v.cpu() for k, v in model.step_lrs.items()},
-                    running)
+                    running, None if model.step_bn is None else {k: v.cpu() for k, v in model.step_bn.items()})
     save_checkpoint(args.out, new)
     print(f"wrote {args.out}: model {name!r}, bn_policy {args.policy}, running statistics for {steps} steps x "
           f"{len(running) // 2} batch-norm layers from {args.tasks} {cfg.ways}-way {cfg.shots}-shot tasks of the "

@@ -6,11 +6,12 @@ running statistics); mean and 95% confidence interval (1.96 std / sqrt(n)).
 
 `python -m trainer.evaluate CHECKPOINT [--tasks 600] [--within-alphabet] [--steps S] [--ways N] [--shots K]
 [--queries Q] [--split background|paper] [--seed SEED] [--out DIR]` meta-tests a checkpoint with its own recipe
-(adapted parameters, LSLR / Meta-SGD rates) on the test split it was trained against (its provenance's split unless
---split says otherwise) and writes DIR/results.json, results.md and meta_test_steps.png, as the trainer's final
-evaluation does. Ways, shots, queries, steps, chunk and seed default to the checkpoint's training config (the
-trainer's meta-test seed), so random tasks reproduce the trainer's own meta-test. --within-alphabet draws all N
-classes of a task from one alphabet of the test split (alphabets with fewer than N characters skipped).
+(adapted parameters, LSLR / Meta-SGD rates, per-step batch-norm weights) on the test split it was trained against
+(its provenance's split unless --split says otherwise) and writes DIR/results.json, results.md and
+meta_test_steps.png, as the trainer's final evaluation does. Ways, shots, queries, steps, chunk and seed default to
+the checkpoint's training config (the trainer's meta-test seed), so random tasks reproduce the trainer's own
+meta-test. --within-alphabet draws all N classes of a task from one alphabet of the test split (alphabets with fewer
+than N characters skipped).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from models.functional import stack_params
+from models.functional import stack_params, step_bn_at
 from models.maml import adapt, predict
 from models.spec import ModelSpec
 
@@ -42,7 +43,7 @@ def _query_metric(spec: ModelSpec, logits, query_y):
 
 
 def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk: int = 100,
-             policies=None, adapt_keys=None, step_lrs=None, bn_running=None) -> dict:
+             policies=None, adapt_keys=None, step_lrs=None, bn_running=None, step_bn=None) -> dict:
     """Per-step query accuracy (%) or MSE: {policy: {'mean': [...], 'ci95': [...]}, 'tasks': n, 'metric': ...}.
 
     params: the meta-initialization (no task axis); lr: float or Meta-SGD per-element rates.
@@ -52,6 +53,9 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
     bn_running: the checkpoint's per-step running statistics ({bn{i}.mean, bn{i}.var} [S, C]). Under `running` the
     adaptation itself normalizes with them (step s: entry min(s, S - 1)), so it is a second chain of fast weights,
     and the queries with the final step's entry, as a served `running` model does.
+    step_bn: per-step batch-norm weights ({bn{i}.weight, bn{i}.bias} [S, C], MAML++): step s's support forward
+    uses row min(s, S - 1) and every query forward row S - 1, so the accuracy after s steps is that of
+    models.maml.adapt(..., s, step_bn=step_bn) followed by predict (what serving with s steps returns).
     The sampler must be seeded for evaluation so every model sees the same tasks.
     """
     if policies is None:
@@ -66,13 +70,17 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
         lr = {k: v.detach() for k, v in lr.items()}
     if step_lrs is not None:
         step_lrs = {k: v.detach() for k, v in step_lrs.items()}
-    recipe = adapt_keys is not None or step_lrs is not None
+    if step_bn is not None:
+        step_bn = {k: v.detach() for k, v in step_bn.items()}
+    recipe = adapt_keys is not None or step_lrs is not None or step_bn is not None
     batch_policies = [p for p in policies if p != "running"]  # adapted with the support batch's statistics
     done = 0
     while done < tasks:
         n = min(chunk, tasks - done)
         b = sampler.sample(n)
-        fast = stack_params(params, n)
+        # The final step's batch-norm weights: what the queries are predicted with after any number of steps
+        final = {} if step_bn is None else step_bn_at(step_bn, next(iter(step_bn.values())).shape[0] - 1, n)
+        fast = {**stack_params(params, n), **final}
         fast_running = fast if "running" in policies else None
         for s in range(steps + 1):
             with torch.no_grad():
@@ -86,15 +94,17 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
                 break
             rates = None if step_lrs is None else {k: v[min(s, v.shape[0] - 1)].reshape(1)
                                                    for k, v in step_lrs.items()}
+            # this step's row of the per-step batch-norm weights, as row 0 of a 1-step run
+            rows = None if step_bn is None else {k: v[min(s, v.shape[0] - 1)].unsqueeze(0) for k, v in step_bn.items()}
             if batch_policies and not recipe:
                 fast = adapt(spec, fast, b.support_x, b.support_y, 1, lr).params
             elif batch_policies:
-                fast = adapt(spec, fast, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
-                             step_lrs=rates).params
+                fast = {**adapt(spec, fast, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
+                                step_lrs=rates, step_bn=rows).params, **final}
             if fast_running is not None:  # this step's entry of the running statistics, as entry 0 of a 1-step run
                 entry = {k: v[min(s, v.shape[0] - 1)].unsqueeze(0) for k, v in bn_running.items()}
-                fast_running = adapt(spec, fast_running, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
-                                     step_lrs=rates, bn_running=entry).params
+                fast_running = {**adapt(spec, fast_running, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
+                                        step_lrs=rates, bn_running=entry, step_bn=rows).params, **final}
         done += n
     result = {"tasks": tasks, "metric": "mse" if spec.is_regression else "accuracy_percent"}
     for p in policies:
@@ -288,7 +298,8 @@ def main(argv=None) -> int:
     out = args.out or Path("results") / "evaluate" / f"{args.checkpoint.stem}-{kind}"
     start = time.perf_counter()
     result = evaluate(spec, model.params, sampler, args.tasks, args.steps, model.inner_lr(), args.chunk,
-                      adapt_keys=recipe_adapt_keys(model), step_lrs=model.step_lrs, bn_running=model.bn_running)
+                      adapt_keys=recipe_adapt_keys(model), step_lrs=model.step_lrs, bn_running=model.bn_running,
+                      step_bn=model.step_bn)
     seconds = time.perf_counter() - start
     prov = model.provenance
     command = shlex.join(["python", "-m", "trainer.evaluate", *argv])
@@ -298,7 +309,8 @@ def main(argv=None) -> int:
         "report_step": spec.steps, "task_kind": kind, "within_alphabet": args.within_alphabet, "ways": args.ways,
         "shots": args.shots, "queries": args.queries, "steps": args.steps, "seed": args.seed, "chunk": args.chunk,
         "recipe": {"adapt_params": spec.adapt_params, "lr": "LSLR per step" if model.step_lrs is not None else
-                   "Meta-SGD per element" if model.inner_lrs is not None else float(spec.inner_lr)},
+                   "Meta-SGD per element" if model.inner_lrs is not None else float(spec.inner_lr),
+                   **({"per_step_bn_steps": model.bn_steps} if model.step_bn is not None else {})},
         "bn_running": None if model.bn_running is None else {
             "steps": model.running_steps, "estimated": model.provenance.get("bn_running")},
         "data": data, "notices": warnings, "command": command, "eval_device": str(device),
@@ -336,7 +348,7 @@ def evaluation_markdown(name: str, result: dict) -> str:
         f"# Meta-test of `{result['checkpoint']}`: {result['task_kind']} tasks", "",
         f"- Command: `{result['command']}` ({result['finished']})",
         f"- Checkpoint: `{result['checkpoint']}` ({name}; adapts {recipe['adapt_params']}, inner lr "
-        f"{recipe['lr']}; {trained})",
+        f"{recipe['lr']}{_bn_weights(recipe)}; {trained})",
         f"- Tasks: {result['tasks']} {result['task_kind']} {task} tasks, {result['queries']} "
         f"quer{'y' if result['queries'] == 1 else 'ies'} per class, "
         f"seed {result['seed']}, inner steps 0..{result['steps']} (serving default {result['report_step']}); {test}",
@@ -347,6 +359,12 @@ def evaluation_markdown(name: str, result: dict) -> str:
     ]
     steps = sorted({0, 1, 3, 5, 10, result["report_step"], result["steps"]})
     return "\n".join(lines) + results_markdown(f"{name}, {result['task_kind']} tasks", result, steps)
+
+
+def _bn_weights(recipe: dict) -> str:
+    """The report's note on per-step batch-norm weights (MAML++ BNWB), where the checkpoint has them."""
+    steps = recipe.get("per_step_bn_steps")
+    return f", per-step batch-norm weights for {steps} steps" if steps else ""
 
 
 def _running_line(running: dict) -> str:

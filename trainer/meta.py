@@ -9,6 +9,11 @@ With `bn_running` (MAML++ BNRS) the learner also keeps per-step batch-norm runni
 forward at inner step s updates entry s as torch batch norm updates its running mean / var (momentum 0.1: running =
 0.9 running + 0.1 batch, the variance unbiased), tasks in meta-batch order, as MAML++'s per-task loop does. They are
 estimated, not learned: the meta-loss still normalizes with batch statistics.
+
+With `per_step_bn` (MAML++ BNWB) the batch-norm gamma / beta are leaves `step_bn` [inner_steps, C], one row per inner
+step, learned by the outer loop (the inner loop never adapts them). The parameters' own bn{i}.weight / bias are then
+no optimizer leaves (nothing reaches them); they mirror the last row after every update, so `params` alone predict
+as the final step does.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from models.functional import adapted_keys, init_params, stats_shapes
+from models.functional import adapted_keys, bn_param_keys, init_params, stats_shapes
 from models.maml import adapt, predict, task_accuracy, task_losses
 from models.spec import ModelSpec
 from trainer.config import TrainConfig
@@ -43,8 +48,25 @@ class MetaLearner:
         if cfg.bn_running and spec.has_batch_norm:
             self.bn_running = {k: torch.full((cfg.inner_steps, c), 1.0 if k.endswith(".var") else 0.0, device=device)
                                for k, (c,) in stats_shapes(spec).items()}
-        leaves = list(self.params.values()) + (list(self.inner_lrs.values()) if self.inner_lrs else [])
+        self.step_bn = None  # BNWB: {bn{i}.weight, bn{i}.bias} [inner_steps, C]
+        if cfg.per_step_bn:
+            if not spec.has_batch_norm:
+                raise ValueError(f"per_step_bn for {spec.name}: per-step batch-norm weights, but {spec.arch} has no "
+                                 "batch norm; expected per_step_bn=False")
+            if cfg.adapt_params not in ("no-bn", "head"):
+                raise ValueError(f"per_step_bn with adapt_params {cfg.adapt_params!r} for {spec.name}: the inner "
+                                 "loop would adapt the batch-norm weights; expected adapt_params no-bn or head")
+            if cfg.inner_steps < 1:
+                raise ValueError(f"per_step_bn with inner_steps {cfg.inner_steps} for {spec.name}: a row per inner "
+                                 "step, expected inner_steps >= 1")
+            self.step_bn = {k: self.params[k].detach().unsqueeze(0).repeat(cfg.inner_steps, 1).requires_grad_(True)
+                            for k in bn_param_keys(spec)}
+            for k in self.step_bn:
+                self.params[k].requires_grad_(False)
+        leaves = [v for k, v in self.params.items() if self.step_bn is None or k not in self.step_bn]
+        leaves += list(self.inner_lrs.values()) if self.inner_lrs else []
         leaves += list(self.step_lrs.values()) if self.step_lrs else []
+        leaves += list(self.step_bn.values()) if self.step_bn else []
         capturable = device.type == "cuda" and cfg.cuda_graph
         self.optimizer = torch.optim.Adam(leaves, lr=cfg.meta_lr, capturable=capturable)
         self._graph = None
@@ -86,7 +108,7 @@ class MetaLearner:
         record = [] if self.bn_running is not None else None
         res = adapt(self.spec, self.params, support_x, support_y, cfg.inner_steps, lr,
                     second_order=cfg.second_order_at(iteration), adapt_keys=self.adapt_keys, step_lrs=self.step_lrs,
-                    keep_trajectory=weights is not None, record_stats=record)
+                    keep_trajectory=weights is not None, record_stats=record, step_bn=self.step_bn)
         self._recorded = record
         if weights is None:
             return self._query_loss(res.params, support_x, query_x, query_y)
@@ -119,7 +141,32 @@ class MetaLearner:
             for g in grads:
                 g.clamp_(-self.cfg.clip_grad, self.cfg.clip_grad)
         self.optimizer.step()
+        self.sync_bn_rows()
         return loss.detach(), acc
+
+    def set_step_bn(self, source: dict[str, torch.Tensor]) -> None:
+        """Per-step batch-norm weights from another model's step_bn ([S', C]): step s takes its row min(s, S' - 1),
+        the row adapt would use (init_from a checkpoint trained with them)."""
+        with torch.no_grad():
+            for k, v in self.step_bn.items():
+                rows = [min(s, source[k].shape[0] - 1) for s in range(v.shape[0])]
+                v.copy_(source[k].to(v.device)[rows])
+        self.sync_bn_rows()
+
+    def reset_step_bn(self) -> None:
+        """Every step's batch-norm weights from the parameters' own (after init_from a model without step_bn)."""
+        with torch.no_grad():
+            for k, v in self.step_bn.items():
+                v.copy_(self.params[k].detach().unsqueeze(0).expand_as(v))
+
+    def sync_bn_rows(self) -> None:
+        """The parameters' bn{i}.weight / bias := the last row of step_bn: what a reader that ignores the per-step
+        weights (and a checkpoint's `params`) predicts with, the final step's."""
+        if self.step_bn is None:
+            return
+        with torch.no_grad():
+            for k, v in self.step_bn.items():
+                self.params[k].copy_(v[-1])
 
     def _update_running(self, world: int) -> None:
         """Fold the last meta-loss's per-step support statistics into the running averages: one torch-batch-norm
@@ -189,6 +236,7 @@ class MetaLearner:
             **({"step_lrs": {k: v.detach().cpu() for k, v in self.step_lrs.items()}} if self.step_lrs else {}),
             **({"bn_running": {k: v.cpu() for k, v in self.bn_running.items()}, "bn_updates": self.bn_updates}
                if self.bn_running is not None else {}),
+            **({"step_bn": {k: v.detach().cpu() for k, v in self.step_bn.items()}} if self.step_bn else {}),
         }
 
     def load_state_dict(self, state: dict):
@@ -211,6 +259,16 @@ class MetaLearner:
                 for k, v in state["bn_running"].items():
                     self.bn_running[k].copy_(v)
                 self.bn_updates = int(state.get("bn_updates", 0))
+            if self.step_bn is not None:
+                if "step_bn" not in state:
+                    raise ValueError(f"the training state has no per-step batch-norm weights, expected "
+                                     f"{sorted(self.step_bn)} (was it saved by a run without --per_step_bn true? "
+                                     "Resume it with --per_step_bn false: the maml++ preset turns them on)")
+                for k, v in state["step_bn"].items():
+                    self.step_bn[k].copy_(v)
+            elif "step_bn" in state:
+                raise ValueError(f"the training state has per-step batch-norm weights {sorted(state['step_bn'])}, "
+                                 "but this run has per_step_bn off; expected --per_step_bn true to resume it")
         self.optimizer.load_state_dict(state["optimizer"])
         self._graph = None  # Adam's state tensors were replaced: capture again
 

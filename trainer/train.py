@@ -138,6 +138,11 @@ class Trainer:
         with torch.no_grad():
             for k, v in source.params.items():
                 self.learner.params[k].copy_(v)
+        if self.learner.step_bn is not None:  # its per-step batch-norm weights, or its one gamma / beta for every step
+            if source.step_bn is not None:
+                self.learner.set_step_bn(source.step_bn)
+            else:
+                self.learner.reset_step_bn()
         prov = source.provenance
         self.init_info = {"path": str(path), "name": source.spec.name, "commit": prov.get("commit"),
                           "iterations": prov.get("iterations"), "algorithm": prov.get("config", {}).get("algorithm"),
@@ -174,12 +179,19 @@ class Trainer:
                   file=sys.stderr)
 
     def meta_model(self, provenance: dict | None = None) -> MetaModel:
+        """The checkpoint of the current meta-initialization. With per-step batch-norm weights, `params`' own
+        bn{i}.weight / bias are their last row (what a reader that ignores step_bn should predict with)."""
         lrs, step_lrs, running = self.learner.inner_lrs, self.learner.step_lrs, self.learner.bn_running
-        return MetaModel(self.spec, {k: v.detach().cpu() for k, v in self.learner.params.items()},
+        step_bn = self.learner.step_bn
+        params = {k: v.detach().cpu() for k, v in self.learner.params.items()}
+        if step_bn is not None:
+            params.update({k: v.detach()[-1].cpu().clone() for k, v in step_bn.items()})
+        return MetaModel(self.spec, params,
                          None if lrs is None else {k: v.detach().cpu() for k, v in lrs.items()},
                          provenance or {},
                          None if step_lrs is None else {k: v.detach().cpu() for k, v in step_lrs.items()},
-                         None if running is None else {k: v.detach().cpu().clone() for k, v in running.items()})
+                         None if running is None else {k: v.detach().cpu().clone() for k, v in running.items()},
+                         None if step_bn is None else {k: v.detach().cpu().clone() for k, v in step_bn.items()})
 
     def provenance(self, **extra) -> dict:
         return {"config": dataclasses.asdict(self.cfg), "commit": git_commit(), "split": self.split_info,
@@ -210,7 +222,7 @@ class Trainer:
         lr = self.learner.inner_lrs if self.learner.inner_lrs is not None else self.cfg.inner_lr
         res = evaluate(self.spec, self.learner.params, make(), self.cfg.val_tasks, self.cfg.test_steps, lr,
                        self.cfg.eval_chunk, policies=(self.cfg.bn_policy,), adapt_keys=self.learner.adapt_keys,
-                       step_lrs=self.learner.step_lrs)
+                       step_lrs=self.learner.step_lrs, step_bn=self.learner.step_bn)
         key = self.cfg.bn_policy if not self.spec.is_regression else "transductive"
         value = res[key]["mean"][-1]
         return -value if self.spec.is_regression else value

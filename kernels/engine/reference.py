@@ -3,8 +3,9 @@
 Batches too large for one call run in task chunks (kernels.engine.chunking: the 32-bit index limit of GPU
 convolutions, and a memory budget). The recipe of a model (ANIL's adapted parameters, MAML++'s per-step rates) is
 its checkpoint's: `recipe_options` passes it to models.maml.adapt, here and in the graph backend. A model served
-under the `running` BN policy (per-step running statistics) is a recipe too: the graph and triton backends, which
-fall back to this path for any recipe, then serve it here.
+under the `running` BN policy (per-step running statistics), or with per-step batch-norm weights (MAML++ `step_bn`),
+is a recipe too: the graph and triton backends, which fall back to this path for any recipe they do not implement,
+then serve it here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from models.maml import predict as reference_predict
 from models.spec import ModelSpec
 
 # recipe_options keys that the graph and triton backends implement (adapted subsets, LSLR's per-step rates); a model
-# with any other option (bn_running) runs on the reference path there (`needs_reference`)
+# with any other option (bn_running, step_bn) runs on the reference path there (`needs_reference`)
 KERNEL_RECIPE = frozenset({"adapt_keys", "step_lrs"})
 
 
@@ -37,7 +38,8 @@ def recipe_options(model: MetaModel) -> dict:
 
     A `running`-policy model adds its per-step running statistics (`bn_running`): the graph and triton backends
     have no program that normalizes with stored statistics during adaptation, so this entry is also what sends
-    them to the reference path."""
+    them to the reference path. Likewise per-step batch-norm weights (`step_bn`): their programs take one gamma /
+    beta for every step."""
     options = {}
     if model.spec.adapt_params != "all":
         options["adapt_keys"] = adapted_keys(model.spec, model.spec.adapt_params)
@@ -45,6 +47,8 @@ def recipe_options(model: MetaModel) -> dict:
         options["step_lrs"] = model.step_lrs
     if model.spec.uses_running_stats() and getattr(model, "bn_running", None) is not None:
         options["bn_running"] = model.bn_running
+    if getattr(model, "step_bn", None) is not None:
+        options["step_bn"] = model.step_bn
     return options
 
 

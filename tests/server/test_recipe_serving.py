@@ -1,5 +1,6 @@
 """The server adapts with exactly what a checkpoint's recipe says: ANIL adapts the head alone, LSLR uses its learned
-per-step rates (unless the client overrides the rate), and GetModel reports the recipe."""
+per-step rates (unless the client overrides the rate), per-step batch-norm weights their row of each step, and GetModel
+reports the recipe."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from models.checkpoint import MetaModel, save_checkpoint
-from models.functional import HEAD_KEYS, init_params, param_shapes
+from models.functional import HEAD_KEYS, adapted_keys, init_params, param_shapes
 from models.maml import adapt, adaptation_stats, predict
 from models.preprocess import preprocess_uint8
 from models.spec import ModelSpec
@@ -78,3 +79,29 @@ def test_lslr_uses_its_per_step_rates_and_an_override_replaces_them(recipe_serve
     assert not np.allclose(want_learned, want_override, atol=1e-3)  # the two rules really differ here
     assert adapted.inner_lr == pytest.approx(0.2)
     assert info["learned_inner_lr"] and info["recipe"] == "maml++"
+
+
+def test_per_step_batch_norm_weights_are_served_and_reported(make_server, tmp_path):
+    """MAML++ BNWB: step s adapts with its own gamma / beta row (the last one beyond them), predicts with the last."""
+    spec = LSLR.with_(name="tiny-bnwb", adapt_params="no-bn", steps=3)
+    g = torch.Generator().manual_seed(6)
+    shapes = param_shapes(spec)
+    step_bn = {k: (1.0 if k.endswith(".weight") else 0.0) + 0.5 * torch.randn(2, shapes[k][0], generator=g)
+               for k in shapes if k.startswith("bn")}
+    params = {**init_params(spec, g), **{k: v[-1].clone() for k, v in step_bn.items()}}
+    model = MetaModel(spec, params, provenance={"recipe": "maml++"}, step_bn=step_bn)
+    (tmp_path / "zoo").mkdir()
+    save_checkpoint(tmp_path / "zoo" / "tiny-bnwb.pt", model)
+    server = make_server(model_dir=tmp_path / "zoo")
+    sx, sy, qx = random_task(spec, queries=4)
+    with FastAdaptClient(server.address, timeout=30) as client:
+        adapted, prediction = client.adapt_and_predict("tiny-bnwb", sx, sy, qx)
+        again = client.predict(adapted.adaptation_id, qx)
+        info = client.get_model("tiny-bnwb")
+    want, logits = reference(model, sx, sy, qx, adapt_keys=adapted_keys(spec, "no-bn"), step_bn=step_bn)
+    _, ignored = reference(model, sx, sy, qx, adapt_keys=adapted_keys(spec, "no-bn"))
+    np.testing.assert_allclose(prediction.logits, logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(again.logits, logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(adapted.support_loss, want.support_loss[:, 0].numpy(), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(ignored, logits, atol=1e-3)  # the per-step rows really change the adaptation
+    assert info["per_step_bn_steps"] == 2 and info["adapt_params"] == "no-bn" and info["recipe"] == "maml++"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import CheckpointError
-from models.policy import PolicyModel, PolicySpec, init_policy, load_policy
+from models.policy import PolicyModel, PolicySpec, init_policy, load_policy, stack_policy
 from trainer.rl.baseline import advantages
 from trainer.rl.sampler import sample_trajectories
 from trainer.rl.vpg import adapt
@@ -46,7 +46,11 @@ def evaluate_policy(env, spec: PolicySpec, params: dict[str, torch.Tensor], task
         raise ValueError(f"evaluation: {len(lrs)} learning rates {lrs}, expected one per step ({steps})")
     generator = torch.Generator().manual_seed(seed)
     goals = env.sample_tasks(tasks, generator)
-    fast = {k: v.detach() for k, v in params.items()}
+    # Task-stacked from the start: every forward is the batched one the server runs (models.policy.policy_forward's
+    # stacked path, whose results do not depend on how many tasks a batch holds), so a served loop on the same
+    # noise (server.rl_demo) reproduces this one to the bit instead of drifting by rounding (the shared path's
+    # matmul rounds differently) until an episode's termination flips.
+    fast = stack_policy({k: v.detach() for k, v in params.items()}, tasks)
     per_task = []
     for s in range(steps + 1):
         traj = sample_trajectories(env, spec, fast, goals, trajectories, generator)
