@@ -10,8 +10,9 @@ For each goal (drawn as the trainer's evaluation draws them: trainer.rl.evaluate
    for --steps steps.
 It prints the mean return per step with its 95% CI beside the paper's (Finn et al. 2017, 2D navigation, MAML:
 -40.41 / -11.68 / -3.33 / -3.23) and the trainer's own evaluation of the same checkpoint
-(docs/results/navigation-2d/results.json). With the defaults (40 goals, 20 trajectories, seed 1000003) the goals and
-the action noise are the trainer's evaluation's, so the two rows differ only by float rounding in the served forward.
+(docs/results/navigation-2d-scaled/results.json: models/zoo/navigation-2d.pt is that run's best iterate). With the
+defaults (40 goals, 20 trajectories, seed 1000003) the goals and the action noise are the trainer's evaluation's, and
+both run the same task-stacked forward, so the two rows agree.
 `--out DIR` writes rl_demo.json, rl_demo.md and rl_demo.png (the trajectories of a few goals before and after
 adaptation). Without --address it starts `python -m server` on models/zoo and stops it at the end.
 """
@@ -40,7 +41,7 @@ from trainer.rl.navigation import Navigation2D
 from trainer.rl.sampler import Trajectories, rollout
 
 PAPER = NAVIGATION_PAPER["navigation-2d"]["mean"]  # Finn et al. 2017, Table 4: 2D navigation, MAML
-TRAINER_RESULTS = REPO_ROOT / "docs" / "results" / "navigation-2d" / "results.json"
+TRAINER_RESULTS = REPO_ROOT / "docs" / "results" / "navigation-2d-scaled" / "results.json"
 TRAINER_ROW = "MAML (best iterate)"  # models/zoo/navigation-2d.pt is the best iterate (results.json -> training)
 
 

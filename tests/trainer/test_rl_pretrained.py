@@ -139,9 +139,10 @@ def test_pretrained_resume_continues_exactly_and_refuses_another_algorithm(tmp_p
     maml = dataclasses.replace(small, algorithm="maml", iterations=3, out_dir=str(tmp_path / "b"))
     with pytest.raises(ValueError, match=r"state at .*state\.pt was trained with --algorithm pretrained, not maml"):
         RLTrainer(maml, resume=True)
-    scaled = dataclasses.replace(small, iterations=3, out_dir=str(tmp_path / "b"), action_scale=0.1)
-    with pytest.raises(ValueError, match=r"trained with --action_scale 1, not 0.1; resume it with --action_scale 1"):
-        RLTrainer(scaled, resume=True)
+    assert small.action_scale == 0.1  # the navigation-2d config's (cbfinn's parameterization)
+    unscaled = dataclasses.replace(small, iterations=3, out_dir=str(tmp_path / "b"), action_scale=1.0)
+    with pytest.raises(ValueError, match=r"trained with --action_scale 0.1, not 1; resume it with --action_scale 0.1"):
+        RLTrainer(unscaled, resume=True)
 
 
 def test_cli_refuses_a_bad_algorithm_with_exit_code_2(capsys):

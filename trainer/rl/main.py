@@ -65,11 +65,13 @@ PROTOCOL_NOTES = {
         "each test goal (40, drawn once from a fixed seed, the same for every policy) gets 20 fresh trajectories per "
         "step; a step is one VPG update on the previous step's trajectories (lr 0.1, then 0.05 as the paper); the "
         "return is the undiscounted sum of rewards over a trajectory, averaged over its 20 trajectories, then over "
-        "the goals (95% CI over goals). The environment follows pytorch-maml-rl's port of cbfinn's point env: "
-        "actions are velocities clipped to [-0.1, 0.1]; cbfinn's own script instead rescales a policy output in "
-        "[-1, 1] (rllab `normalize`), uses inner lr 0.5 in those units, meta-batch 40 and 100 meta-iterations, and "
-        "its test script 40 trajectories per step. 'random initialization' is an untrained policy (Xavier weights, "
-        "std 1) adapted the same way."
+        "the goals (95% CI over goals). The environment is cbfinn's point env (pytorch-maml-rl's port): actions are "
+        "velocities clipped to [-0.1, 0.1]. The policy is parameterized as cbfinn's under rllab `normalize` when "
+        "the run's action_scale is 0.1 (the navigation-2d config's: outputs in units of the speed limit, init std "
+        "1 there = 0.1 in velocity units) and in velocity units, as pytorch-maml-rl, when it is 1 (results.json -> "
+        "config). cbfinn's script also uses inner lr 0.5 in the normalized units, meta-batch 40 and 100 "
+        "meta-iterations, and its test script 40 trajectories per step. 'random initialization' is an untrained "
+        "policy (Xavier weights, init std) adapted the same way."
     ),
     "halfcheetah-vel": _cheetah_note(
         "goal velocity ~ U[0, 2]",
