@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from kernels.bench.flops import cpu_name
 from trainer.config import CONFIGS, apply_recipe
 from trainer.evaluate import evaluate
 from trainer.train import Trainer
@@ -31,6 +33,8 @@ ARMS: dict[str, tuple[str, dict]] = {
     "anil": ("anil", {}),
     "maml+fo-warmup": ("maml+fo-warmup", {}),  # = fomaml within a few minutes
     "maml+per-step-bn": ("maml+per-step-bn", {}),  # BN gamma / beta outer-loop only, a row per inner step
+    # the maml++ arms as recorded before per-step BN weights existed (docs/results/recipes-ab*): one shared gamma / beta
+    "maml++/first-order/shared-bn": ("maml++", {"per_step_bn": False}),
 }
 
 
@@ -73,7 +77,7 @@ def write_report(out: Path, result: dict, command: str):
     (out / "ab.json").write_text(json.dumps(result, indent=1))
     steps = result["report_step"]
     lines = [f"# Recipe A/B: {result['config']}, equal CPU time", "",
-             f"Each arm: {result['cpu_minutes']} CPU minutes of one thread (process time, niced, on a shared 2-core "
+             f"Each arm: {result['cpu_minutes']} CPU minutes of one thread (process time, niced, on a shared "
              f"{result['cpu']}), same seed, same initialization, same task stream; meta-test on the same "
              f"{result['eval_tasks']} tasks of images_evaluation (background split), accuracy after {steps} inner "
              "steps, 95% CI.", "", f"Command: `{command}`", "",
@@ -130,7 +134,8 @@ def main(argv=None) -> int:
     untrained = evaluate(probe.spec, probe.learner.params, probe.samplers["test"](), args.eval_tasks, base.test_steps,
                          base.inner_lr, 100)
     result = {"config": args.config, "cpu_minutes": args.cpu_minutes, "eval_tasks": args.eval_tasks,
-              "report_step": base.test_steps, "cpu": "AMD EPYC box", "torch": torch.__version__,
+              "report_step": base.test_steps, "cpu": f"{cpu_name()} ({os.cpu_count()} cores)",
+              "torch": torch.__version__,
               "untrained": {p: untrained[p]["mean"][base.test_steps] for p in ("transductive", "support")},
               "arms": {}}
     command = "python -m trainer.ab " + " ".join(sys.argv[1:] if argv is None else argv)
