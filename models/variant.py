@@ -1,0 +1,71 @@
+"""`python -m models.variant SOURCE --name NAME --out DEST [--steps S] [--inner-lr LR] [--bn-policy P] [--note TEXT]`
+
+A served variant of a checkpoint: the same tensors (parameters, learned rates, per-step batch-norm weights and
+statistics) under another name and other serving defaults (inner steps, inner lr, batch-norm policy). The server
+serves any support-set size a model's ways allow, so a 20-way model trained with 1 shot answers 5-shot tasks too; a
+variant gives that use its own name and the step count its meta-test recommends (`omniglot-20w5s` from the 20-way
+ANIL model: docs/results/omniglot-20w5s/). The provenance keeps the source's and adds `variant_of` (the source's
+path, name, serving defaults and training iterations) and the note, so a variant is never mistaken for a model
+trained for its own setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from models.checkpoint import CheckpointError, MetaModel, load_checkpoint, save_checkpoint
+from models.spec import BN_POLICIES
+
+__all__ = ["main", "variant"]
+
+
+def variant(model: MetaModel, source: str, name: str, steps: int | None = None, inner_lr: float | None = None,
+            bn_policy: str | None = None, note: str = "") -> MetaModel:
+    """`model` renamed, with the serving defaults given (None: the source's) and the provenance saying so."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"name {name!r}: expected a model name (a file name without '/', not starting with '.')")
+    if steps is not None and steps < 0:
+        raise ValueError(f"steps {steps}: expected >= 0 inner steps")
+    if inner_lr is not None and not (math.isfinite(inner_lr) and inner_lr > 0):
+        raise ValueError(f"inner_lr {inner_lr}: expected a finite rate > 0")
+    if bn_policy is not None and bn_policy not in BN_POLICIES:
+        raise ValueError(f"bn_policy {bn_policy!r}: expected one of {list(BN_POLICIES)}")
+    old = model.spec
+    changes = {"name": name}
+    changes.update({k: v for k, v in (("steps", steps), ("inner_lr", inner_lr), ("bn_policy", bn_policy))
+                    if v is not None})
+    spec = old.with_(**changes)
+    provenance = dict(model.provenance)
+    provenance["variant_of"] = {"path": source, "name": old.name, "steps": old.steps, "inner_lr": old.inner_lr,
+                                "bn_policy": old.bn_policy, "iterations": model.provenance.get("iterations"),
+                                "commit": model.provenance.get("commit"), "note": note}
+    return MetaModel(spec, model.params, model.inner_lrs, provenance, model.step_lrs, model.bn_running,
+                     model.step_bn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.variant", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a models/checkpoint.py file")
+    parser.add_argument("--name", required=True, help="the variant's model name (what clients ask for)")
+    parser.add_argument("--out", required=True, help="the file to write (e.g. models/zoo/NAME.pt)")
+    parser.add_argument("--steps", type=int, help="default inner steps (default: the source's)")
+    parser.add_argument("--inner-lr", type=float, help="default inner lr (default: the source's)")
+    parser.add_argument("--bn-policy", help=f"serving batch-norm policy, one of {list(BN_POLICIES)}")
+    parser.add_argument("--note", default="", help="why the variant exists (kept in its provenance)")
+    args = parser.parse_args(argv)
+    try:
+        model = load_checkpoint(args.source)
+        out = variant(model, args.source, args.name, args.steps, args.inner_lr, args.bn_policy, args.note)
+    except (CheckpointError, ValueError) as exc:
+        parser.error(str(exc)[:500])
+    path = save_checkpoint(args.out, out)
+    print(f"wrote {path}: {out.spec.name} ({out.spec.ways}-way, {out.spec.steps} steps at lr {out.spec.inner_lr}, "
+          f"bn_policy {out.spec.bn_policy}), the tensors of {args.source}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
