@@ -106,6 +106,7 @@ def rank_slice(batch, rank: int, world: int):
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg = cfg
+        self.stop_requested = False  # request_stop(): end at the next log point, as --max_seconds does
         self.rank, self.world = _dist_info()
         self.device = pick_device(cfg.device)
         if self.device.type == "cuda" and self.world > 1:
@@ -207,6 +208,12 @@ class Trainer:
                 "variance": "unbiased batch variance (as torch batch norm's running_var)",
                 "init": "mean 0, var 1 (torch batch norm)", "split": self.cfg.split, "part": "train"}
 
+    def request_stop(self) -> None:
+        """Stop at the next log point (at most log_every iterations away) as if --max_seconds had run out: the state
+        is saved, the best checkpoint kept and the final evaluation runs (`python -m trainer` calls this on SIGTERM
+        or SIGINT in a single-process run, so a long run can be ended early without losing its evaluation)."""
+        self.stop_requested = True
+
     # ---- loop ----
     def _log(self, record: dict):
         if self.rank:
@@ -247,7 +254,8 @@ class Trainer:
             window += 1
             self.iteration += 1
             bar.update(1)
-            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - session_start > cfg.max_seconds
+            out_of_time = self.stop_requested or (cfg.max_seconds > 0
+                                                  and time.perf_counter() - session_start > cfg.max_seconds)
             last = self.iteration == cfg.iterations or (out_of_time and self.iteration % cfg.log_every == 0)
             if self.iteration % cfg.log_every == 0 or last:
                 record = {"iteration": self.iteration, "train_loss": (loss_sum / window).item(),

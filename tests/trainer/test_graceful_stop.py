@@ -1,0 +1,46 @@
+"""SIGTERM ends a long `python -m trainer` run gracefully: at a log point, state saved, final evaluation written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_log_point_saves_and_evaluates(tmp_path, omniglot_root):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "trainer", "omniglot-5w1s", "--recipe", "anil", "--hidden", "8", "--meta_batch", "2",
+            "--iterations", "1000000", "--log_every", "5", "--val_every", "10", "--val_tasks", "10", "--val_classes",
+            "20", "--eval_tasks", "20", "--eval_steps", "2", "--device", "cpu", "--progress", "false",
+            "--data_root", str(omniglot_root), "--out_dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.jsonl").exists():  # training has started (the first log point)
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no log point within 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "SIGTERM: stopping at the next log point" in stderr
+    state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+    assert 0 < state["iteration"] < 1_000_000 and state["iteration"] % 5 == 0
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert last["iteration"] == state["iteration"] and "val" in last  # the stop validates, as the clock's does
+    result = json.loads((out / "results.json").read_text())
+    assert result["tasks"] == 20 and "meta-test accuracy" in stdout
