@@ -6,6 +6,8 @@
 #   scripts/long_run.sh omniglot-5w1s docs/results/omniglot-5w1s-anil models/zoo/omniglot-5w1s.pt 00:25
 # Arguments after the fourth are more trainer overrides (`--key value`), e.g. a meta-lr cosine from the resume point:
 #   scripts/long_run.sh ... 00:25 --cosine_lr true --cosine_start 23100 --iterations 31000
+# To end a run early and keep its evaluation: `pkill -TERM -f "trainer CONFIG"` (the trainer stops at the next log point,
+# saves, meta-tests; this script then copies the results as after a timed stop).
 # Each docs/results/<run>/run.sh calls this with its own arguments; commit the run folder after every stop.
 set -euo pipefail
 [ $# -ge 4 ] || { echo "usage: $0 CONFIG RUN_DIR INIT_FROM DEFAULT_STOP_AT [--key value ...] (got $# arguments)" >&2
