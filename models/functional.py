@@ -14,7 +14,7 @@ a served adaptation keeps its statistics and Predict forwards the query rows alo
 The `running` policy (MAML++'s per-step running statistics) passes the same `stats=`: one step's entry of the
 checkpoint's `bn_running` ({bn{i}.mean, bn{i}.var} [S, C], see `running_at`), broadcast to the T tasks. MAML++'s
 per-step batch-norm weights (`step_bn`, {bn{i}.weight, bn{i}.bias} [S, C]) are ordinary parameters here: the inner
-loop puts one step's row into the task-stacked gamma / beta (`step_bn_at`).
+loop puts one step's row into the task-stacked gamma / beta (`step_row`).
 """
 
 from __future__ import annotations
@@ -310,13 +310,11 @@ def batch_stats_record(spec: ModelSpec, record: list, rows: int) -> dict[str, to
     return out
 
 
-def running_at(running: dict[str, torch.Tensor], step: int, tasks: int) -> dict[str, torch.Tensor]:
-    """The per-step running statistics ({bn{i}.mean, bn{i}.var} [S, C]) of inner step `step`: entry
-    min(step, S - 1), so a model estimated for S steps adapts for more, as task-stacked `stats` [T, C] (views)."""
-    return {k: v[min(step, v.shape[0] - 1)].unsqueeze(0).expand(tasks, v.shape[1]) for k, v in running.items()}
+def step_row(table: dict[str, torch.Tensor], step: int, tasks: int) -> dict[str, torch.Tensor]:
+    """Inner step `step`'s row of a per-step table ({name: [S, C]}: the running statistics `bn_running`, MAML++'s
+    per-step batch-norm weights `step_bn`): row min(step, S - 1), so a model trained for S steps adapts for more, as
+    task-stacked tensors [T, C] (broadcast views: a meta-gradient reaches the row)."""
+    return {k: v[min(step, v.shape[0] - 1)].unsqueeze(0).expand(tasks, v.shape[1]) for k, v in table.items()}
 
 
-def step_bn_at(step_bn: dict[str, torch.Tensor], step: int, tasks: int) -> dict[str, torch.Tensor]:
-    """The per-step batch-norm weights ({bn{i}.weight, bn{i}.bias} [S, C], MAML++) of inner step `step`: row
-    min(step, S - 1), as task-stacked parameters [T, C] (broadcast views: the meta-gradient reaches the row)."""
-    return {k: v[min(step, v.shape[0] - 1)].unsqueeze(0).expand(tasks, v.shape[1]) for k, v in step_bn.items()}
+running_at = step_row  # the running statistics' name for it (stats=, see the module docstring)

@@ -31,7 +31,7 @@ from models.functional import (
     head_logits,
     param_shapes,
     running_at,
-    step_bn_at,
+    step_row,
     support_stats,
 )
 from models.spec import ModelSpec
@@ -223,7 +223,7 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
     def with_row(weights: dict, r: int) -> dict:
         nonlocal row
         row = r
-        return {**weights, **step_bn_at(step_bn, r, tasks)}
+        return {**weights, **step_row(step_bn, r, tasks)}
 
     def support_forward(step: int, record: list | None = None, double_backward: bool = False) -> torch.Tensor:
         stats = None if bn_running is None else running_at(bn_running, step, tasks)

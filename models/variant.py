@@ -12,6 +12,7 @@ trained for its own setting.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 
@@ -41,8 +42,7 @@ def variant(model: MetaModel, source: str, name: str, steps: int | None = None, 
     provenance["variant_of"] = {"path": source, "name": old.name, "steps": old.steps, "inner_lr": old.inner_lr,
                                 "bn_policy": old.bn_policy, "iterations": model.provenance.get("iterations"),
                                 "commit": model.provenance.get("commit"), "note": note}
-    return MetaModel(spec, model.params, model.inner_lrs, provenance, model.step_lrs, model.bn_running,
-                     model.step_bn)
+    return dataclasses.replace(model, spec=spec, provenance=provenance)  # every tensor field of the source
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = _parser()
     args = p.parse_args(argv)
-    from models.checkpoint import MetaModel, save_checkpoint
+    from models.checkpoint import save_checkpoint
     from trainer.evaluate import cli_checkpoint
     from trainer.train import build_samplers, git_commit
 
@@ -158,10 +158,9 @@ def main(argv=None) -> int:
         "command": shlex.join(["python", "-m", "trainer.bn_running", *argv]), "commit": git_commit(),
         "device": str(device), "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    new = MetaModel(spec.with_(name=name, bn_policy=args.policy), {k: v.cpu() for k, v in model.params.items()},
-                    None if model.inner_lrs is None else {k: v.cpu() for k, v in model.inner_lrs.items()},
-                    provenance, None if model.step_lrs is None else {k: v.cpu() for k, v in model.step_lrs.items()},
-                    running, None if model.step_bn is None else {k: v.cpu() for k, v in model.step_bn.items()})
+    # every tensor field of the source (MetaModel.to), with the new statistics, spec and provenance
+    new = dataclasses.replace(model.to("cpu"), spec=spec.with_(name=name, bn_policy=args.policy),
+                              provenance=provenance, bn_running=running)
     save_checkpoint(args.out, new)
     print(f"wrote {args.out}: model {name!r}, bn_policy {args.policy}, running statistics for {steps} steps x "
           f"{len(running) // 2} batch-norm layers from {args.tasks} {cfg.ways}-way {cfg.shots}-shot tasks of the "

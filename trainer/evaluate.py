@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from models.functional import stack_params, step_bn_at
+from models.functional import stack_params, step_row
 from models.maml import adapt, predict
 from models.spec import ModelSpec
 
@@ -79,7 +79,7 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
         n = min(chunk, tasks - done)
         b = sampler.sample(n)
         # The final step's batch-norm weights: what the queries are predicted with after any number of steps
-        final = {} if step_bn is None else step_bn_at(step_bn, next(iter(step_bn.values())).shape[0] - 1, n)
+        final = {} if step_bn is None else step_row(step_bn, next(iter(step_bn.values())).shape[0] - 1, n)
         fast = {**stack_params(params, n), **final}
         fast_running = fast if "running" in policies else None
         for s in range(steps + 1):
@@ -92,17 +92,14 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
                     per_task["running"][s].append(_query_metric(spec, out, b.query_y).cpu())
             if s == steps:
                 break
-            rates = None if step_lrs is None else {k: v[min(s, v.shape[0] - 1)].reshape(1)
-                                                   for k, v in step_lrs.items()}
-            # this step's row of the per-step batch-norm weights, as row 0 of a 1-step run
-            rows = None if step_bn is None else {k: v[min(s, v.shape[0] - 1)].unsqueeze(0) for k, v in step_bn.items()}
+            # step s's entry of each per-step table, as entry 0 of a 1-step run
+            rates, rows, entry = (_step_entry(t, s) for t in (step_lrs, step_bn, bn_running))
             if batch_policies and not recipe:
                 fast = adapt(spec, fast, b.support_x, b.support_y, 1, lr).params
             elif batch_policies:
                 fast = {**adapt(spec, fast, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
                                 step_lrs=rates, step_bn=rows).params, **final}
-            if fast_running is not None:  # this step's entry of the running statistics, as entry 0 of a 1-step run
-                entry = {k: v[min(s, v.shape[0] - 1)].unsqueeze(0) for k, v in bn_running.items()}
+            if fast_running is not None:
                 fast_running = {**adapt(spec, fast_running, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
                                         step_lrs=rates, bn_running=entry, step_bn=rows).params, **final}
         done += n
@@ -359,6 +356,11 @@ def evaluation_markdown(name: str, result: dict) -> str:
     ]
     steps = sorted({0, 1, 3, 5, 10, result["report_step"], result["steps"]})
     return "\n".join(lines) + results_markdown(f"{name}, {result['task_kind']} tasks", result, steps)
+
+
+def _step_entry(table: dict[str, torch.Tensor] | None, step: int) -> dict[str, torch.Tensor] | None:
+    """Entry min(step, S - 1) of a per-step table ({name: [S, ...]}), kept as a table of one step [1, ...]."""
+    return None if table is None else {k: v[min(step, v.shape[0] - 1)].unsqueeze(0) for k, v in table.items()}
 
 
 def _bn_weights(recipe: dict) -> str:

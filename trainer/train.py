@@ -181,13 +181,10 @@ class Trainer:
 
     def meta_model(self, provenance: dict | None = None) -> MetaModel:
         """The checkpoint of the current meta-initialization. With per-step batch-norm weights, `params`' own
-        bn{i}.weight / bias are their last row (what a reader that ignores step_bn should predict with)."""
+        bn{i}.weight / bias are their last row (the learner keeps them so: MetaLearner.sync_bn_rows)."""
         lrs, step_lrs, running = self.learner.inner_lrs, self.learner.step_lrs, self.learner.bn_running
         step_bn = self.learner.step_bn
-        params = {k: v.detach().cpu() for k, v in self.learner.params.items()}
-        if step_bn is not None:
-            params.update({k: v.detach()[-1].cpu().clone() for k, v in step_bn.items()})
-        return MetaModel(self.spec, params,
+        return MetaModel(self.spec, {k: v.detach().cpu() for k, v in self.learner.params.items()},
                          None if lrs is None else {k: v.detach().cpu() for k, v in lrs.items()},
                          provenance or {},
                          None if step_lrs is None else {k: v.detach().cpu() for k, v in step_lrs.items()},
