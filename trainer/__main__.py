@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from models.checkpoint import load_checkpoint, save_checkpoint
@@ -16,6 +14,7 @@ from trainer.config import config_from_args
 from trainer.evaluate import evaluate, results_markdown
 from trainer.plots import plot_steps, plot_training
 from trainer.rl.config import RL_CONFIGS
+from trainer.stop import stop_on_signals
 from trainer.train import Trainer
 
 
@@ -46,26 +45,6 @@ def final_evaluation(trainer: Trainer) -> dict:
     return result
 
 
-def _stop_on_signals(trainer: Trainer) -> dict:
-    """SIGTERM / SIGINT end the run gracefully: at the next log point, state saved, then the final evaluation. A
-    second signal gets the handler that was there before (the default one ends the process at once). Returns the
-    handlers replaced (none off the main thread, where signals cannot be caught)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def stop(signum, _frame):
-        print(f"{signal.Signals(signum).name}: stopping at the next log point (iteration multiple of "
-              f"{trainer.cfg.log_every}), then saving and evaluating; send it again to quit at once", file=sys.stderr)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        trainer.request_stop()
-
-    for s in previous:
-        signal.signal(s, stop)
-    return previous
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in RL_CONFIGS:  # MAML-RL (policies): its own config, loop and results
@@ -76,12 +55,9 @@ def main(argv=None) -> int:
     tune_cpu_allocator()  # CPU training allocates the same activation sizes every iteration
     trainer = Trainer(cfg, resume=args.resume)
     # ranks would stop at different iterations: torchrun runs keep the default handlers
-    previous = _stop_on_signals(trainer) if trainer.world == 1 else {}
-    try:
+    where = f"at the next log point (iteration multiple of {cfg.log_every}), then saving and evaluating"
+    with stop_on_signals(trainer, where, enabled=trainer.world == 1):
         trainer.train()
-    finally:
-        for signum, handler in previous.items():  # the caller's handlers again (in-process callers: the tests)
-            signal.signal(signum, handler)
     if trainer.rank != 0:
         return 0
     if cfg.final_eval:

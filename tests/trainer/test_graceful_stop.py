@@ -44,3 +44,32 @@ def test_sigterm_stops_at_a_log_point_saves_and_evaluates(tmp_path, omniglot_roo
     assert last["iteration"] == state["iteration"] and "val" in last  # the stop validates, as the clock's does
     result = json.loads((out / "results.json").read_text())
     assert result["tasks"] == 20 and "meta-test accuracy" in stdout
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_policy_run_after_the_iteration_under_way_and_saves_it(tmp_path):
+    """The MAML-RL trainer (half-cheetah runs take a minute per meta-iteration): the state after the last logged
+    iteration is saved, though it is no multiple of checkpoint_every, and the policy is written."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "trainer", "navigation-2d", "--iterations", "1000000", "--meta_batch", "2",
+            "--trajectories", "2", "--hidden", "8", "--checkpoint_every", "1000", "--final_eval", "false",
+            "--progress", "false", "--out_dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "state" / "log.jsonl").exists():  # the first meta-iteration is done
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no meta-iteration within 120 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "SIGTERM: stopping after the meta-iteration under way" in stderr
+    state = torch.load(out / "state" / "state.pt", map_location="cpu", weights_only=True)
+    log = [json.loads(line) for line in (out / "state" / "log.jsonl").read_text().splitlines()]
+    assert 1 <= state["iteration"] < 1000 and log[-1]["iteration"] == state["iteration"] == len(log)
+    assert (out / "policy.pt").is_file() and not (out / "results.json").exists()  # --final_eval false

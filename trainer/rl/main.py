@@ -23,6 +23,7 @@ from trainer.rl.config import ALGORITHM_LABELS, SOURCES, rl_config_from_args
 from trainer.rl.evaluate import evaluate_policy, step_lrs
 from trainer.rl.plots import plot_rl_steps, plot_rl_training
 from trainer.rl.train import LOG_FILE, RLTrainer, selection_metric
+from trainer.stop import stop_on_signals
 
 
 def _cheetah_paper(low: list[float], high: list[float]) -> dict:
@@ -194,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = rl_config_from_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    trainer = RLTrainer(cfg, resume=args.resume).train()
+    trainer = RLTrainer(cfg, resume=args.resume)
+    with stop_on_signals(trainer, "after the meta-iteration under way, then saving the state and the policy"):
+        trainer.train()
     provenance = {}
     if cfg.final_eval:
         result = final_evaluation(trainer, "python -m trainer " + " ".join(argv))

@@ -97,6 +97,7 @@ class RLTrainer:
         self.iteration = 0
         self.train_seconds = 0.0
         self.best = {"return": -float("inf"), "iteration": 0, "params": dict(self.params)}
+        self.stop_requested = False  # request_stop(): end after the current meta-iteration, as --max_seconds does
         if resume:
             self._load_state()
 
@@ -157,6 +158,12 @@ class RLTrainer:
         valid_adv = advantages(valid, cfg.discount, cfg.baseline_reg, cfg.normalize_advantages)
         return MetaBatch(train, train_adv, valid, valid_adv)
 
+    def request_stop(self) -> None:
+        """End after the meta-iteration under way, as if --max_seconds had run out: the state is saved (`python -m
+        trainer` calls this on SIGTERM or SIGINT, so a long run is ended early losing nothing but the iteration's
+        remainder of time), then the policy and, unless --final_eval false, the evaluation are written."""
+        self.stop_requested = True
+
     def step(self) -> dict:
         batch = self.sample_meta_batch()
         returns = {"return_pre": batch.train.returns().mean().item()}
@@ -184,7 +191,8 @@ class RLTrainer:
             bar.update(1)
             bar.set_postfix(**{k[len("return_"):]: f"{record[k]:.1f}" for k in ("return_pre", "return_post")
                                if k in record}, kl=f"{record['kl_after']:.4f}")
-            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - start > cfg.max_seconds
+            out_of_time = self.stop_requested or (cfg.max_seconds > 0
+                                                  and time.perf_counter() - start > cfg.max_seconds)
             if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations or out_of_time:
                 self._save_state()
             if out_of_time:
