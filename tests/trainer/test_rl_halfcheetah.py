@@ -252,3 +252,16 @@ def test_cli_one_iteration_writes_its_log_results_and_policy(tmp_path):
     assert (model.spec.env, model.spec.obs_dim, model.spec.act_dim) == ("halfcheetah-vel", 17, 6)
     assert (model.spec.action_low, model.spec.action_high, model.spec.hidden) == (-1.0, 1.0, (8, 8))
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()  # MuJoCo's load-time deprecation warning is caught
+
+
+def test_resume_drops_log_records_past_the_saved_state(tmp_path):
+    """A run killed between two saves logged iterations it runs again after --resume: each appears once."""
+    small = dataclasses.replace(RL_CONFIGS["halfcheetah-dir"], hidden=8, meta_batch=2, trajectories=2, horizon=6,
+                                checkpoint_every=2, progress=False, out_dir=str(tmp_path))
+    RLTrainer(dataclasses.replace(small, iterations=2)).train()  # state saved at 2
+    log = tmp_path / "state" / "log.jsonl"
+    with open(log, "a") as f:  # iteration 3 was logged, then the process was killed before the next save
+        f.write(json.dumps({"iteration": 3, "return_pre": 0.0}) + "\n")
+    RLTrainer(dataclasses.replace(small, iterations=4), resume=True).train()
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    assert json.loads(log.read_text().splitlines()[2])["return_pre"] != 0.0  # the rerun's record, not the dead one's

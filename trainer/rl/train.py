@@ -127,6 +127,20 @@ class RLTrainer:
         self.iteration, self.train_seconds = state["iteration"], state["train_seconds"]
         self.params, self.best = state["params"], state["best"]
         self.generator.set_state(state["generator"])
+        self._truncate_log()
+
+    def _truncate_log(self):
+        """Drop log records past the saved state (a run killed between two saves logged iterations it will run
+        again), so the resumed log has each iteration once."""
+        path = self.state_dir / LOG_FILE
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["iteration"] <= self.iteration]
+        if len(kept) != len(lines):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def _log(self, record: dict):
         self.state_dir.mkdir(parents=True, exist_ok=True)

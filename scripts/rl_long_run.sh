@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A long MAML-RL run on the CPU that survives a change of machine (the half-cheetah runs: about a minute per
+# meta-iteration, 500 of them): starts CONFIG in docs/results/CONFIG, or continues it with --resume when
+# docs/results/CONFIG/state/state.pt exists (on any machine with only the repository and `make setup`), one thread,
+# `nice -n 10`, without the final evaluation; training stops after MAX_SECONDS, default: until STOP_AT (UTC HH:MM, its
+# next occurrence). Then it meta-tests the best iterate into docs/results/CONFIG/interim-<iterations>/ (40 tasks,
+# steps 0-3, about half a minute). Commit docs/results/CONFIG after every stop.
+#   scripts/rl_long_run.sh halfcheetah-vel 21:10
+#   MAX_SECONDS=3600 scripts/rl_long_run.sh halfcheetah-dir 00:00
+# Arguments after the second are more trainer overrides (`--key value`). To end a run early and keep everything:
+# `pkill -TERM -f "trainer CONFIG"` (it stops after the meta-iteration under way and saves its state and policy).
+set -euo pipefail
+[ $# -ge 2 ] || { echo "usage: $0 CONFIG DEFAULT_STOP_AT [--key value ...] (got $# arguments)" >&2; exit 2; }
+CONFIG=$1 DEFAULT_STOP=$2
+shift 2
+case "$CONFIG" in navigation-2d|halfcheetah-vel|halfcheetah-dir) ;;
+    *) echo "$0: CONFIG $CONFIG, expected navigation-2d, halfcheetah-vel or halfcheetah-dir" >&2; exit 2 ;; esac
+cd "$(dirname "$0")/.."
+RUN=${RUN_DIR:-docs/results/$CONFIG}  # RUN_DIR: elsewhere (the tests)
+if [ -z "${MAX_SECONDS:-}" ]; then  # until STOP_AT's next occurrence (today, or tomorrow once it has passed)
+    NOW=$(date -u +%s); UNTIL=$(date -u -d "${STOP_AT:-$DEFAULT_STOP}" +%s)
+    [ "$UNTIL" -gt "$NOW" ] || UNTIL=$(( UNTIL + 86400 ))
+    MAX_SECONDS=$(( UNTIL - NOW - 90 ))  # a meta-iteration may run past the limit
+fi
+RESUME=()
+[ -f "$RUN/state/state.pt" ] && RESUME=(--resume)
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 .venv/bin/python -m trainer "$CONFIG" "${RESUME[@]}" \
+    --out_dir "$RUN" --max_seconds "$MAX_SECONDS" --final_eval false --progress false --threads 1 "$@"
+ITERS=$(.venv/bin/python -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True)['iteration'])" \
+    "$RUN/state/state.pt")
+OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m trainer.rl.evaluate "$RUN/policy.pt" --out "$RUN/interim-$ITERS"
