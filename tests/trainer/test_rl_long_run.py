@@ -33,6 +33,7 @@ def test_starts_then_resumes_and_meta_tests_each_stop(tmp_path):
         result = json.loads((tmp_path / "run" / f"interim-{stop}" / "results.json").read_text())
         (row,) = result["evaluations"].values()
         assert len(row["mean"]) == 4 and all(m < 0 for m in row["mean"])  # navigation: minus distances
+        assert (tmp_path / "run" / f"interim-{stop}" / "training.png").stat().st_size > 0
 
 
 def test_bad_arguments_exit_2_naming_them(tmp_path):
