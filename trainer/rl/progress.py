@@ -66,7 +66,8 @@ def markdown(rows: list[dict], title: str, command: str) -> str:
         if timed:
             cells.append(f"{r['seconds_per_iteration']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Mean training return per window (on the meta-batch's own tasks: not a meta-test). Seconds: training time per meta-iteration on whatever machine ran that window (the log's cumulative "
+    lines += ["", "Mean training return per window (on the meta-batch's own tasks: not a meta-test). "
+              "Seconds: training time per meta-iteration on whatever machine ran that window (the log's cumulative "
               "`seconds`).", "", "```", command, "```", ""]
     return "\n".join(lines)
 
