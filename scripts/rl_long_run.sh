@@ -4,8 +4,8 @@
 # docs/results/CONFIG/state/state.pt exists (on any machine with only the repository and `make setup`), one thread,
 # `nice -n 10`, without the final evaluation; training stops after MAX_SECONDS, default: until STOP_AT (UTC HH:MM, its
 # next occurrence). Then it meta-tests the best iterate into docs/results/CONFIG/interim-<iterations>/ (40 tasks,
-# steps 0-3, about half a minute) beside the training curve so far (training.png). Commit docs/results/CONFIG after
-# every stop.
+# steps 0-3, about half a minute) beside the training curve so far (training.png), and writes the training returns
+# per 25 meta-iterations into docs/results/CONFIG/progress.{json,md}. Commit docs/results/CONFIG after every stop.
 #   scripts/rl_long_run.sh halfcheetah-vel 21:10
 #   MAX_SECONDS=3600 scripts/rl_long_run.sh halfcheetah-dir 00:00
 # Arguments after the second are more trainer overrides (`--key value`). To end a run early and keep everything:
@@ -33,3 +33,4 @@ OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m trainer.rl.evaluate "$RUN/polic
 .venv/bin/python -c "import sys; from pathlib import Path; from trainer.rl.plots import plot_rl_training
 plot_rl_training(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))" \
     "$RUN/state/log.jsonl" "$CONFIG meta-training, $ITERS iterations" "$RUN/interim-$ITERS/training.png"
+.venv/bin/python -m trainer.rl.progress "$RUN/state/log.jsonl" --out "$RUN" > /dev/null  # RUN/progress.{json,md}

@@ -34,6 +34,9 @@ def test_starts_then_resumes_and_meta_tests_each_stop(tmp_path):
         (row,) = result["evaluations"].values()
         assert len(row["mean"]) == 4 and all(m < 0 for m in row["mean"])  # navigation: minus distances
         assert (tmp_path / "run" / f"interim-{stop}" / "training.png").stat().st_size > 0
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())  # the whole log, rewritten each stop
+    assert [(r["first"], r["last"]) for r in progress["rows"]] == [(1, 2)]
+    assert progress["rows"][0]["return_pre"] == sum(r["return_pre"] for r in log) / 2
 
 
 def test_bad_arguments_exit_2_naming_them(tmp_path):
