@@ -1,20 +1,23 @@
-"""`python -m server.rl_demo`: a client that controls 2D-navigation agents adapts their policy through the wire.
+"""`python -m server.rl_demo`: a client that controls agents (2D navigation, half-cheetah) adapts their policy
+through the wire.
 
 For each goal (drawn as the trainer's evaluation draws them: trainer.rl.evaluate's seed and order), the client
 1. asks the server for the action distribution of the meta-policy (Predict with `model` and no adaptation id) at
-   every step of B trajectories it runs in trainer.rl.navigation (the client samples a ~ N(mean, std^2) and the
-   environment clips it),
+   every step of B trajectories it runs in the policy's environment (trainer.rl.navigation, or
+   trainer.rl.halfcheetah on MuJoCo; the client samples a ~ N(mean, std^2) and the environment clips it),
 2. sends those trajectories to Adapt (one VPG step on the server; lr 0.1, then 0.05 with from_adaptation_id for the
    later steps, as the paper and the trainer's evaluation),
 3. acts with the adapted policy (Predict with the new adaptation id) to collect the next B trajectories, and repeats
    for --steps steps.
 It prints the mean return per step with its 95% CI beside the paper's (Finn et al. 2017, 2D navigation, MAML:
--40.41 / -11.68 / -3.33 / -3.23) and the trainer's own evaluation of the same checkpoint
-(docs/results/navigation-2d-scaled/results.json: models/zoo/navigation-2d.pt is that run's best iterate). With the
-defaults (40 goals, 20 trajectories, seed 1000003) the goals and the action noise are the trainer's evaluation's, and
-both run the same task-stacked forward, so the two rows agree.
-`--out DIR` writes rl_demo.json, rl_demo.md and rl_demo.png (the trajectories of a few goals before and after
-adaptation). Without --address it starts `python -m server` on models/zoo and stops it at the end.
+-40.41 / -11.68 / -3.33 / -3.23; half-cheetah: values read off its Fig. 5) and the trainer's own evaluation of the
+bundled checkpoint (TRAINER_RESULTS: models/zoo/<env>.pt is that run's best iterate). With the defaults (40 goals,
+20 trajectories, seed 1000003) the goals and the action noise are the trainer's evaluation's, and both run the same
+task-stacked forward, so the two rows agree.
+`--model` picks the policy (navigation-2d, halfcheetah-vel, ...); its environment is the one the server names in
+ModelInfo.preprocessing. `--out DIR` writes rl_demo.json, rl_demo.md and rl_demo.png (navigation: the trajectories
+of a few goals before and after adaptation; half-cheetah: their forward velocity over time against the goal).
+Without --address it starts `python -m server` on models/zoo and stops it at the end.
 """
 
 from __future__ import annotations
@@ -35,14 +38,37 @@ from tqdm import tqdm
 from server.client import FastAdaptClient, add_connection_args, connection_kwargs
 from server.demo import hardware
 from server.launch import REPO_ROOT, ServerProcess
+from trainer.rl.config import ENVIRONMENTS
 from trainer.rl.evaluate import TEST_SEED, step_lrs
-from trainer.rl.main import PAPER as NAVIGATION_PAPER
-from trainer.rl.navigation import Navigation2D
+from trainer.rl.main import PAPER, paper_cells
 from trainer.rl.sampler import Trajectories, rollout
 
-PAPER = NAVIGATION_PAPER["navigation-2d"]["mean"]  # Finn et al. 2017, Table 4: 2D navigation, MAML
-TRAINER_RESULTS = REPO_ROOT / "docs" / "results" / "navigation-2d-scaled" / "results.json"
-TRAINER_ROW = "MAML (best iterate)"  # models/zoo/navigation-2d.pt is the best iterate (results.json -> training)
+# The trainer's evaluation of each bundled policy (models/zoo/<env>.pt is that run's best iterate)
+TRAINER_RESULTS = {
+    "navigation-2d": REPO_ROOT / "docs" / "results" / "navigation-2d-scaled" / "results.json",
+    "halfcheetah-vel": REPO_ROOT / "docs" / "results" / "halfcheetah-vel" / "results.json",
+    "halfcheetah-dir": REPO_ROOT / "docs" / "results" / "halfcheetah-dir" / "results.json",
+}
+TRAINER_ROW = "MAML (best iterate)"  # results.json -> training: the bundled policy is the best iterate
+FORWARD_VELOCITY = 8  # half-cheetah observation: qpos[1:] (8 values), then qvel; qvel[0] is the forward velocity
+
+
+def make_env(env: str):
+    if env == "navigation-2d":
+        from trainer.rl.navigation import Navigation2D
+
+        return Navigation2D()
+    from trainer.rl.halfcheetah import HalfCheetahDir, HalfCheetahVel  # MuJoCo only for these
+
+    return HalfCheetahVel() if env == "halfcheetah-vel" else HalfCheetahDir()
+
+
+def model_env(info: dict) -> str:
+    """The environment the server says a policy acts in (ModelInfo.preprocessing starts with it)."""
+    env = info["preprocessing"].split(":", 1)[0]
+    if env not in ENVIRONMENTS:
+        raise ValueError(f"model {info['name']} acts in {env[:80]!r}, expected one of {', '.join(ENVIRONMENTS)}")
+    return env
 
 
 class WirePolicies:
@@ -93,12 +119,20 @@ def positions(traj: Trajectories, goal: int) -> list[np.ndarray]:
     return paths
 
 
+def velocities(traj: Trajectories, goal: int) -> list[np.ndarray]:
+    """Each half-cheetah trajectory's forward velocity (qvel[0]) at every step: [length]."""
+    return [traj.observations[goal, b, : int(traj.lengths[goal, b]), FORWARD_VELOCITY].numpy()
+            for b in range(traj.lengths.shape[1])]
+
+
 def run(client: FastAdaptClient, model: str, goals: int, trajectories: int, steps: int, seed: int,
         plot_goals: int, progress: bool = True) -> tuple[dict, list]:
     info = client.get_model(model)
     if info["kind"] != "policy":
         raise ValueError(f"model {model} is a {info['kind']}, expected a policy (ListModels says which are)")
-    env = Navigation2D()
+    env_name = model_env(info)
+    env = make_env(env_name)
+    keep = positions if env_name == "navigation-2d" else velocities
     generator = torch.Generator().manual_seed(seed)
     tasks = env.sample_tasks(goals, generator)
     lrs = step_lrs(info["default_inner_lr"], info["default_inner_lr"] / 2, steps)
@@ -109,13 +143,14 @@ def run(client: FastAdaptClient, model: str, goals: int, trajectories: int, step
         for s in tqdm(range(steps + 1), desc="rounds (sample, adapt)", disable=not progress):
             traj = sample_through_the_wire(env, policies, tasks, trajectories, generator)
             per_step.append(traj.returns().mean(1))
-            kept.append([positions(traj, g) for g in range(min(plot_goals, goals))])
+            kept.append([keep(traj, g) for g in range(min(plot_goals, goals))])
             if s < steps:
                 adapted = policies.adapt(traj, lrs[s])
                 adapt_ms.append(float(np.median([a.timings["total_ms"] for a in adapted])))
     wall = time.perf_counter() - start
     record = {
-        "model": model, "goals": goals, "trajectories": trajectories, "steps": steps, "lrs": lrs, "seed": seed,
+        "model": model, "env": env_name, "goals": goals, "trajectories": trajectories, "steps": steps, "lrs": lrs,
+        "seed": seed,
         "mean": [r.mean().item() for r in per_step],
         "ci95": [1.96 * r.std(unbiased=False).item() / math.sqrt(goals) for r in per_step],
         "per_goal": [[round(x, 3) for x in r.tolist()] for r in per_step],
@@ -129,12 +164,13 @@ def run(client: FastAdaptClient, model: str, goals: int, trajectories: int, step
     return record, kept
 
 
-def trainer_evaluation() -> dict | None:
-    if not TRAINER_RESULTS.is_file():
+def trainer_evaluation(env: str) -> dict | None:
+    path = TRAINER_RESULTS[env]
+    if not path.is_file():
         return None
-    row = json.loads(TRAINER_RESULTS.read_text()).get("evaluations", {}).get(TRAINER_ROW)
-    return None if row is None else {"row": TRAINER_ROW, **{k: row[k] for k in ("tasks", "trajectories", "lrs",
-                                                                                 "seed", "mean", "ci95")}}
+    row = json.loads(path.read_text()).get("evaluations", {}).get(TRAINER_ROW)
+    return None if row is None else {"row": TRAINER_ROW, "per_task": row["per_task"],
+                                     **{k: row[k] for k in ("tasks", "trajectories", "lrs", "seed", "mean", "ci95")}}
 
 
 def table(record: dict) -> str:
@@ -148,7 +184,9 @@ def table(record: dict) -> str:
         cells = [f"{m:.2f} ± {c:.2f}" for m, c in zip(trainer["mean"], trainer["ci95"])][: steps + 1]
         rows.append(f"| trainer's evaluation ({trainer['row']}, {trainer['tasks']} goals) | " + " | ".join(cells)
                     + " |")
-    rows.append("| paper (Finn et al. 2017, MAML) | " + " | ".join(f"{v:.2f}" for v in PAPER[: steps + 1]) + " |")
+    paper = PAPER[record["env"]]
+    label = "paper (Finn et al. 2017, MAML" + (", Fig. 5, read off, approximate)" if paper.get("approximate") else ")")
+    rows.append(f"| {label} | " + " | ".join(paper_cells(paper)[: steps + 1]) + " |")
     return "\n".join(rows)
 
 
@@ -158,6 +196,8 @@ def plot(kept: list, record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if record["env"] != "navigation-2d":
+        return plot_cheetah(kept, record, path, plt)
     goals = len(kept[0])
     rounds = [0, len(kept) - 1]
     fig, axes = plt.subplots(len(rounds), goals, figsize=(3.2 * goals, 6.4), squeeze=False)
@@ -176,6 +216,32 @@ def plot(kept: list, record: dict, path: Path) -> None:
                          f"return {record['per_goal'][s][g]:.1f}", fontsize=9)
     fig.suptitle(f"2D navigation through the wire: {record['trajectories']} trajectories per goal, before and after "
                  "adaptation (black: start, red: goal)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cheetah(kept: list, record: dict, path: Path, plt) -> None:
+    """Forward velocity over time of each goal's trajectories, meta-policy (grey) and after the last step (colour)."""
+    goals, last = len(kept[0]), len(kept) - 1
+    fig, axes = plt.subplots(1, goals, figsize=(3.4 * goals, 3.4), squeeze=False, sharey=True)
+    for g in range(goals):
+        ax = axes[0][g]
+        for s, style in ((0, {"color": "0.6", "alpha": 0.5}), (last, {"color": "C0", "alpha": 0.5})):
+            for v in kept[s][g]:
+                ax.plot(np.arange(len(v)), v, lw=0.6, **style)
+        goal = record["goal_positions"][g][0]
+        target = goal if record["env"] == "halfcheetah-vel" else None
+        if target is not None:
+            ax.axhline(target, color="r", ls="--", lw=1)
+        what = f"goal {goal:.2f} m/s" if target is not None else ("forward" if goal > 0 else "backward")
+        ax.set_title(f"{what}: return {record['per_goal'][0][g]:.0f} -> {record['per_goal'][last][g]:.0f}",
+                     fontsize=9)
+        ax.set_xlabel("time step")
+    axes[0][0].set_ylabel("forward velocity qvel[0] (m/s)")
+    fig.suptitle(f"{record['model']} through the wire: {record['trajectories']} trajectories per goal, meta-policy "
+                 f"(grey) and after {last} step{'s' if last != 1 else ''} (blue)"
+                 + (", goal red" if record["env"] == "halfcheetah-vel" else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -202,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default="", help="a running server (default: start one on --model-dir)")
     p.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "zoo")
     p.add_argument("--model", default="navigation-2d")
-    p.add_argument("--goals", type=int, default=40, help="navigation goals (the trainer's evaluation: 40)")
+    p.add_argument("--goals", type=int, default=40, help="goals or tasks (the trainer's evaluation: 40)")
     p.add_argument("--trajectories", type=int, default=20, help="per goal and step")
     p.add_argument("--steps", type=int, default=3, help="adaptation steps")
     p.add_argument("--seed", type=int, default=TEST_SEED)
@@ -223,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             address = args.address or server.address
             with FastAdaptClient(address, timeout=args.timeout, **kwargs) as client:
-                record, kept = run(client, args.model, args.goals, args.trajectories, args.steps, args.seed,
-                                   args.plot_goals, args.progress == "true")
+                try:
+                    record, kept = run(client, args.model, args.goals, args.trajectories, args.steps, args.seed,
+                                       args.plot_goals, args.progress == "true")
+                except ValueError as e:  # not a policy, or one of an environment this demo does not run
+                    p.error(str(e)[:300])
         finally:
             if server is not None:
                 server.stop()
@@ -233,12 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = hardware(str(server.info.get("device", "cpu")) if server is not None else "cpu")
     record["hardware"] = f"{machine['cpu']} ({machine['cpus']} CPUs, load average {machine['load_average']})"
     record["command"] = "python -m server.rl_demo " + " ".join(sys.argv[1:] if argv is None else argv)
-    record["paper"] = PAPER
-    record["trainer"] = trainer = trainer_evaluation()
+    record["paper"] = PAPER[record["env"]]
+    record["trainer"] = trainer = trainer_evaluation(record["env"])
+    per_task = trainer.pop("per_task") if trainer is not None else None
     same = trainer is not None and all(trainer[k] == record[k] for k in ("seed", "trajectories", "lrs")) and \
         trainer["tasks"] == record["goals"]
     if same:  # the same goals and noise: every goal's returns should match the trainer's
-        per_task = json.loads(TRAINER_RESULTS.read_text())["evaluations"][TRAINER_ROW]["per_task"]
         record["max_abs_diff_per_goal_vs_trainer"] = max(
             abs(a - b) for s in range(record["steps"] + 1) for a, b in zip(record["per_goal"][s], per_task[s]))
     print(table(record))

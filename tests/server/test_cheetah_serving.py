@@ -17,8 +17,11 @@ import torch
 
 from models.policy import load_policy, policy_forward
 from models.policy_adapt import Trajectories
+from server import rl_demo
 from server.client import FastAdaptClient
+from tests.server.conftest import TINY_SPECS
 from trainer.rl.baseline import advantages
+from trainer.rl.evaluate import evaluate_policy
 from trainer.rl.halfcheetah import HalfCheetahVel
 from trainer.rl.sampler import rollout, sample_trajectories
 from trainer.rl.vpg import adapt as vpg_adapt
@@ -106,3 +109,27 @@ def test_one_served_step_adapts_the_cheetah_toward_its_goal_velocity(cheetah, cc
     # 2026-12-03, the 500-iteration policy: -129.9 -> -62.7 (0.2 m/s) and -269.7 -> -234.4 (1.8 m/s); the
     # meta-test over 40 goals gains 39 points in one step (docs/results/halfcheetah-vel/results.md)
     assert torch.all(post > pre + 10), (pre.tolist(), post.tolist())
+
+
+def test_rl_demo_adapts_the_cheetah_through_the_wire_as_the_trainer_evaluates(cheetah, cclient, tmp_path, capsys):
+    """server.rl_demo on the cheetah: the trainer's evaluation's returns on the same goals and noise, its plot."""
+    client, server = cclient
+    out = tmp_path / "demo"
+    assert rl_demo.main(["--address", server.address, "--model", NAME, "--goals", "2", "--trajectories", "3",
+                         "--steps", "1", "--plot-goals", "2", "--out", str(out), "--progress", "false"]) == 0
+    record = json.loads((out / "rl_demo.json").read_text())
+    want = evaluate_policy(HalfCheetahVel(), cheetah.spec, cheetah.params, tasks=2, steps=1, trajectories=3)
+    assert record["env"] == NAME and record["lrs"] == want["lrs"] == [0.1]
+    for got, expected in zip(record["per_goal"], want["per_task"], strict=True):
+        assert got == pytest.approx(expected, abs=2e-3)
+    assert (out / "rl_demo.png").stat().st_size > 10_000
+    md = (out / "rl_demo.md").read_text()
+    assert "≈ -140 to -130" in md and "through the wire" in md  # the paper's Fig. 5 row, read off
+
+
+def test_rl_demo_refuses_a_model_that_is_not_a_policy(cclient, make_server, tiny_model_dir, capsys):
+    server = make_server(model_dir=tiny_model_dir)
+    name = next(iter(TINY_SPECS))
+    with pytest.raises(SystemExit) as exit_:
+        rl_demo.main(["--address", server.address, "--model", name, "--goals", "1", "--progress", "false"])
+    assert exit_.value.code == 2 and f"model {name} is a classifier, expected a policy" in capsys.readouterr().err
