@@ -50,6 +50,11 @@ demo: setup data
 rl-demo: setup
 	$(PY) -m server.rl_demo --out $(RESULTS)/rl-demo $(ARGS)
 
+# The same loop with the bundled half-cheetah policy on MuJoCo (docs/results/rl-demo-halfcheetah-vel/: about 75 s).
+.PHONY: rl-demo-cheetah
+rl-demo-cheetah: setup
+	$(PY) -m server.rl_demo --model halfcheetah-vel --out $(RESULTS)/rl-demo-halfcheetah-vel $(ARGS)
+
 serve: setup
 	$(PY) -m server --model-dir models/zoo --host 127.0.0.1 --port 50051 $(ARGS)
 

@@ -260,7 +260,12 @@ def markdown(record: dict) -> str:
         "goal's previous adaptation (from_adaptation_id). The trainer's row is its evaluation of the same "
         "checkpoint on the same goals and noise (when the demo runs its defaults)"
         + (f": every goal's return per step matches it within {record['max_abs_diff_per_goal_vs_trainer']:.3g} "
-           "(returns rounded to 3 decimals)." if "max_abs_diff_per_goal_vs_trainer" in record else "."), ""])
+           "(returns rounded to 3 decimals)." if "max_abs_diff_per_goal_vs_trainer" in record else ".")
+        + ("" if record["env"] == "navigation-2d" else
+           " Before adaptation the two agree to the bit. The served VPG step adapts one task per request where the "
+           "trainer's evaluation steps all 40 at once, so the adapted weights differ in the last bits (within 1e-5, "
+           "tests/server/test_cheetah_serving.py), and 200 steps of contact-rich MuJoCo physics amplify that into a "
+           "different trajectory: per goal the returns differ, the means agree within a fraction of the CI."), ""])
 
 
 def main(argv: list[str] | None = None) -> int:
