@@ -395,6 +395,7 @@ def test_graph_and_triton_backends_fall_back_to_the_reference_path(backend):
 
 def test_an_adapted_step_bn_model_exports_to_onnx():
     import onnxruntime as ort  # pinned (requirements.txt: onnxruntime-gpu): missing, this fails rather than skips
+
     from models.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 
     model = served_model()
