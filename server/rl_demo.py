@@ -38,10 +38,11 @@ from tqdm import tqdm
 from server.client import FastAdaptClient, add_connection_args, connection_kwargs
 from server.demo import hardware
 from server.launch import REPO_ROOT, ServerProcess
-from trainer.rl.config import ENVIRONMENTS
+from trainer.rl.config import ENVIRONMENTS, RL_CONFIGS
 from trainer.rl.evaluate import TEST_SEED, step_lrs
 from trainer.rl.main import PAPER, paper_cells
 from trainer.rl.sampler import Trajectories, rollout
+from trainer.rl.train import make_env
 
 # The trainer's evaluation of each bundled policy (models/zoo/<env>.pt is that run's best iterate)
 TRAINER_RESULTS = {
@@ -51,16 +52,6 @@ TRAINER_RESULTS = {
 }
 TRAINER_ROW = "MAML (best iterate)"  # results.json -> training: the bundled policy is the best iterate
 FORWARD_VELOCITY = 8  # half-cheetah observation: qpos[1:] (8 values), then qvel; qvel[0] is the forward velocity
-
-
-def make_env(env: str):
-    if env == "navigation-2d":
-        from trainer.rl.navigation import Navigation2D
-
-        return Navigation2D()
-    from trainer.rl.halfcheetah import HalfCheetahDir, HalfCheetahVel  # MuJoCo only for these
-
-    return HalfCheetahVel() if env == "halfcheetah-vel" else HalfCheetahDir()
 
 
 def model_env(info: dict) -> str:
@@ -131,7 +122,7 @@ def run(client: FastAdaptClient, model: str, goals: int, trajectories: int, step
     if info["kind"] != "policy":
         raise ValueError(f"model {model} is a {info['kind']}, expected a policy (ListModels says which are)")
     env_name = model_env(info)
-    env = make_env(env_name)
+    env = make_env(RL_CONFIGS[env_name])  # the environment as its config trains and evaluates it (horizon)
     keep = positions if env_name == "navigation-2d" else velocities
     generator = torch.Generator().manual_seed(seed)
     tasks = env.sample_tasks(goals, generator)

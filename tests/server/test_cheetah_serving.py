@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +17,13 @@ import pytest
 import torch
 
 from models.policy import load_policy, policy_forward
-from models.policy_adapt import Trajectories
 from server import rl_demo
 from server.client import FastAdaptClient
 from tests.server.conftest import TINY_SPECS
 from trainer.rl.baseline import advantages
 from trainer.rl.evaluate import evaluate_policy
 from trainer.rl.halfcheetah import HalfCheetahVel
-from trainer.rl.sampler import rollout, sample_trajectories
+from trainer.rl.sampler import sample_trajectories
 from trainer.rl.vpg import adapt as vpg_adapt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,31 +80,15 @@ def test_served_step_on_cheetah_trajectories_equals_the_trainers(cheetah, cclien
     np.testing.assert_allclose(actions.log_std, log_std.numpy(), atol=1e-6)
 
 
-def served_returns(client, env, goals, adaptation_id: str, seed: int) -> torch.Tensor:
-    """Mean return per goal of 20 trajectories, every action's mean and std from the server (Predict)."""
-    def act(obs):  # obs [T, B, 17]: one Predict per goal, with its adaptation (or the meta-policy)
-        means, log_stds = [], []
-        for t in range(obs.shape[0]):
-            a = client.act(obs[t].numpy(), adaptation_id=adaptation_id[t]) if adaptation_id else \
-                client.act(obs[t].numpy(), model=NAME)
-            means.append(torch.from_numpy(a.mean))
-            log_stds.append(torch.from_numpy(np.broadcast_to(a.log_std, a.mean.shape).copy()))
-        return torch.stack(means), torch.stack(log_stds)
-
-    return rollout(env, act, goals, 20, torch.Generator().manual_seed(seed))
-
-
-def one_task(traj: Trajectories, t: int) -> Trajectories:
-    return Trajectories(*(x[t: t + 1] for x in (traj.observations, traj.actions, traj.rewards, traj.lengths)))
-
-
 def test_one_served_step_adapts_the_cheetah_toward_its_goal_velocity(cheetah, cclient):
     client, _ = cclient
     env = HalfCheetahVel()  # the paper's horizon, 200 steps
     goals = torch.tensor([[0.2], [1.8]], dtype=torch.float64)  # slow and fast: the meta-policy suits neither
-    before = served_returns(client, env, goals, "", seed=11)
-    ids = [send(client, one_task(before, t)).adaptation_id for t in range(2)]
-    after = served_returns(client, env, goals, ids, seed=12)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the demo's client: every action from Predict
+        policies = rl_demo.WirePolicies(client, NAME, 2, pool)
+        before = rl_demo.sample_through_the_wire(env, policies, goals, 20, torch.Generator().manual_seed(11))
+        policies.adapt(before, 0.1)  # one Adapt per goal on its 20 trajectories
+        after = rl_demo.sample_through_the_wire(env, policies, goals, 20, torch.Generator().manual_seed(12))
     pre, post = before.returns().mean(1), after.returns().mean(1)
     # 2026-12-03, the 500-iteration policy: -129.9 -> -62.7 (0.2 m/s) and -269.7 -> -234.4 (1.8 m/s); the
     # meta-test over 40 goals gains 39 points in one step (docs/results/halfcheetah-vel/results.md)
