@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -21,6 +22,8 @@ from models.functional import init_params
 from models.spec import ModelSpec
 from server.app import ServerConfig, start
 from server.client import FastAdaptClient
+
+ZOO_DIR = Path(__file__).resolve().parents[2] / "models" / "zoo"
 
 # Tiny fresh models: realism is not the point here, speed is.
 TINY_SPECS = {
@@ -90,6 +93,22 @@ def make_server(aio_thread, tiny_model_dir):
     yield make
     for running in started:
         aio_thread.call(running.stop(0.5))
+
+
+@pytest.fixture
+def serve_zoo(make_server, tmp_path):
+    """serve_zoo(name) -> (client, server): a real server on loopback serving only the bundled models/zoo/<name>.pt."""
+    clients = []
+
+    def serve(name: str):
+        shutil.copyfile(ZOO_DIR / f"{name}.pt", tmp_path / f"{name}.pt")
+        server = make_server(model_dir=tmp_path)
+        clients.append(FastAdaptClient(server.address, timeout=120))
+        return clients[-1], server
+
+    yield serve
+    for c in clients:
+        c.close()
 
 
 @pytest.fixture

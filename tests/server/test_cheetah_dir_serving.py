@@ -8,7 +8,6 @@ VPG step on its own trajectories must tell it. References: the trainer's sampler
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,12 +16,12 @@ import torch
 
 from models.policy import load_policy
 from server import rl_demo
-from server.client import FastAdaptClient
+from tests.server.conftest import ZOO_DIR
 from trainer.rl.halfcheetah import HalfCheetahDir
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "halfcheetah-dir"
-ZOO = ROOT / "models" / "zoo" / f"{NAME}.pt"
+ZOO = ZOO_DIR / f"{NAME}.pt"
 RESULTS = ROOT / "docs" / "results" / NAME / "results.json"
 
 
@@ -32,11 +31,8 @@ def cheetah():
 
 
 @pytest.fixture
-def cclient(make_server, tmp_path):
-    shutil.copyfile(ZOO, tmp_path / ZOO.name)
-    server = make_server(model_dir=tmp_path)
-    with FastAdaptClient(server.address, timeout=120) as c:
-        yield c, server
+def cclient(serve_zoo):
+    return serve_zoo(NAME)
 
 
 def test_the_bundled_direction_policy_is_the_500_iteration_run_it_says(cheetah, cclient):

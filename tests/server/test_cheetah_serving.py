@@ -8,7 +8,6 @@ the adapted policy) must adapt the policy toward each goal velocity, as the trai
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,8 +17,7 @@ import torch
 
 from models.policy import load_policy, policy_forward
 from server import rl_demo
-from server.client import FastAdaptClient
-from tests.server.conftest import TINY_SPECS
+from tests.server.conftest import TINY_SPECS, ZOO_DIR
 from trainer.rl.baseline import advantages
 from trainer.rl.evaluate import evaluate_policy
 from trainer.rl.halfcheetah import HalfCheetahVel
@@ -28,7 +26,7 @@ from trainer.rl.vpg import adapt as vpg_adapt
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "halfcheetah-vel"
-ZOO = ROOT / "models" / "zoo" / f"{NAME}.pt"
+ZOO = ZOO_DIR / f"{NAME}.pt"
 RESULTS = ROOT / "docs" / "results" / NAME / "results.json"
 
 
@@ -38,11 +36,8 @@ def cheetah():
 
 
 @pytest.fixture
-def cclient(make_server, tmp_path):
-    shutil.copyfile(ZOO, tmp_path / ZOO.name)
-    server = make_server(model_dir=tmp_path)
-    with FastAdaptClient(server.address, timeout=120) as c:
-        yield c, server
+def cclient(serve_zoo):
+    return serve_zoo(NAME)
 
 
 def send(client, traj, inner_lr: float = 0.0, from_id: str = ""):
