@@ -78,6 +78,7 @@ def adapt(
     bn_running: dict[str, torch.Tensor] | None = None,
     record_stats: list | None = None,
     step_bn: dict[str, torch.Tensor] | None = None,
+    head_init: str | None = None,
 ) -> AdaptResult:
     """K SGD steps from `params` on each task's support set, all T tasks in one batched call.
 
@@ -104,12 +105,17 @@ def adapt(
       and the fast weights returned hold row S - 1, the final step's (also for 0 steps, and when fewer than S steps
       run: what the model predicts with after any number of steps). A trajectory entry after step i holds row
       min(i, S - 1), the step's own, as MAML++'s per-step target losses use it. Their keys must not be adapted.
+    head_init: how the head starts (None: the spec's `head_init`). 'proto' (Proto-MAML): before the first step the
+      head is replaced by the support set's class prototypes in the body's feature space (`prototype_head`, step 0's
+      support features), differentiably, so the meta-gradient reaches the body through the prototypes too;
+      'meta': from `params`' head (pass it to continue an adaptation one step at a time).
     """
-    if (adapt_keys is not None or step_lrs is not None or keep_trajectory or bn_running is not None
+    proto = (head_init or spec.head_init) == "proto"
+    if (proto or adapt_keys is not None or step_lrs is not None or keep_trajectory or bn_running is not None
             or record_stats is not None or step_bn is not None):
         return _adapt_recipe(spec, params, support_x, support_y, steps, lr, second_order=second_order, track=track,
                              adapt_keys=adapt_keys, step_lrs=step_lrs, keep_trajectory=keep_trajectory,
-                             bn_running=bn_running, record_stats=record_stats, step_bn=step_bn)
+                             bn_running=bn_running, record_stats=record_stats, step_bn=step_bn, proto=proto)
     tasks = support_x.shape[0]
     first = next(iter(params))
     needs_meta_grad = params[first].requires_grad
@@ -183,10 +189,10 @@ def _step_rates(keys, lr, step_lrs, step: int) -> list:
 
 
 def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order, track, adapt_keys, step_lrs,
-                  keep_trajectory, bn_running=None, record_stats=None, step_bn=None) -> AdaptResult:
+                  keep_trajectory, bn_running=None, record_stats=None, step_bn=None, proto=False) -> AdaptResult:
     """adapt() with the recipe options: a subset of adapted parameters (ANIL), per-step rates (LSLR), trajectory,
     per-step running statistics (or recording the batch statistics they are estimated from), per-step batch-norm
-    weights."""
+    weights, a head started from the support prototypes."""
     shapes = param_shapes(spec)
     keys = list(shapes) if adapt_keys is None else list(adapt_keys)
     unknown = sorted(set(keys) - set(shapes))
@@ -225,19 +231,29 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
         row = r
         return {**weights, **step_row(step_bn, r, tasks)}
 
-    def support_forward(step: int, record: list | None = None, double_backward: bool = False) -> torch.Tensor:
+    def support_features(step: int, record: list | None = None, double_backward: bool = False) -> torch.Tensor:
         stats = None if bn_running is None else running_at(bn_running, step, tasks)
         if not head_only:
-            return head_logits(fast, body_features(spec, fast, support_x, double_backward=double_backward,
-                                                   stats=stats, record=record))
+            return body_features(spec, fast, support_x, double_backward=double_backward, stats=stats, record=record)
         key = (0 if bn_running is None else min(step, next(iter(bn_running.values())).shape[0] - 1), row)
         if key not in features:
             seen: list = []
             features[key] = (body_features(spec, fast, support_x, stats=stats,
-                                           record=None if record is None else seen), seen)
+                                           record=seen if record_stats is not None else None), seen)
         if record is not None:
             record.extend(features[key][1])
-        return head_logits(fast, features[key][0])
+        return features[key][0]
+
+    def support_forward(step: int, record: list | None = None, double_backward: bool = False) -> torch.Tensor:
+        return head_logits(fast, support_features(step, record, double_backward))
+
+    if proto:  # Proto-MAML: the head starts at the prototypes of step 0's support features
+        if bn_steps is not None:
+            fast = with_row(fast, 0)
+        head = prototype_head(support_features(0), support_y, spec.ways)
+        if not needs_meta_grad:
+            head = {k: v.detach().requires_grad_(k in keys) for k, v in head.items()}
+        fast = {**fast, **head}
 
     with torch.enable_grad():
         for step in range(steps):
@@ -272,6 +288,16 @@ def _adapt_recipe(spec, params, support_x, support_y, steps, lr, *, second_order
             _record(spec, out, task_losses(spec, out, support_y, shots), support_y, losses, accs)
         _finish_tracking(result, losses, accs)
     return result
+
+
+def prototype_head(features: torch.Tensor, support_y: torch.Tensor, ways: int) -> dict[str, torch.Tensor]:
+    """Proto-MAML's head (Triantafillou et al. 2020) from support features [T, S, F] and labels [T, S]: the class
+    means mu_c [T, N, F] give weight 2 mu_c and bias -|mu_c|^2, so logit_c(f) = -|f - mu_c|^2 + |f|^2, a Euclidean
+    nearest-centroid classifier. A class without support rows gets mu_c = 0 (the server rejects such support sets)."""
+    onehot = F.one_hot(support_y, ways).to(features.dtype)  # [T, S, N]
+    counts = onehot.sum(1).clamp_min(1.0)  # [T, N]
+    mu = torch.bmm(onehot.transpose(1, 2), features) / counts.unsqueeze(-1)
+    return {"head.weight": 2.0 * mu, "head.bias": -(mu * mu).sum(-1)}
 
 
 def _check_step_bn(spec: ModelSpec, step_bn: dict[str, torch.Tensor], keys: list[str]) -> int:
@@ -346,4 +372,4 @@ def adaptation_stats(spec: ModelSpec, fast: dict[str, torch.Tensor], support_x: 
         return support_stats(spec, fast, support_x)
 
 
-__all__ = ["AdaptResult", "adapt", "adaptation_stats", "predict", "task_losses", "task_accuracy"]
+__all__ = ["AdaptResult", "adapt", "adaptation_stats", "predict", "prototype_head", "task_losses", "task_accuracy"]

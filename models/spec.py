@@ -6,6 +6,10 @@ from dataclasses import asdict, dataclass, field
 
 BN_POLICIES = ("transductive", "support", "running")
 ADAPT_PARAMS = ("all", "head", "no-bn")  # the inner loop updates every parameter (MAML), the head (ANIL), all but BN
+# How adapt starts the linear head: from the meta-learned head (MAML, ANIL), or from the support set's class
+# prototypes in the body's feature space (Proto-MAML, Triantafillou et al. 2020: W_c = 2 mu_c, b_c = -|mu_c|^2, so the
+# head's logits before any step are a nearest-centroid classifier's, -|f - mu_c|^2 up to a per-query constant).
+HEAD_INITS = ("meta", "proto")
 ARCHITECTURES = ("conv4-omniglot", "conv4-miniimagenet", "mlp-omniglot", "mlp-sinusoid")
 
 # Inputs each architecture takes per example (C, H, W) or (features,).
@@ -47,6 +51,9 @@ class ModelSpec:
     hidden: int = 0  # conv filters / unused for MLPs (0 = architecture default)
     # Which parameters adapt at adapt time: all (MAML, Meta-SGD), head (ANIL), no-bn (MAML++). Older checkpoints: all.
     adapt_params: str = "all"
+    # How adapt starts the head (HEAD_INITS): meta (the checkpoint's head) or proto (the support prototypes; the
+    # checkpoint's head tensors are then unused). Older checkpoints: meta.
+    head_init: str = "meta"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -56,6 +63,12 @@ class ModelSpec:
         if self.adapt_params not in ADAPT_PARAMS:
             raise ValueError(f"model spec {self.name!r}: adapt_params {self.adapt_params!r}, expected one of "
                              f"{ADAPT_PARAMS}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"model spec {self.name!r}: head_init {self.head_init!r}, expected one of {HEAD_INITS}")
+        if self.head_init == "proto" and (self.adapt_params != "head" or self.arch == "mlp-sinusoid"):
+            raise ValueError(f"model spec {self.name!r}: head_init 'proto' with arch {self.arch!r} and adapt_params "
+                             f"{self.adapt_params!r}: prototypes need a classifier whose body is fixed during "
+                             "adaptation; expected adapt_params 'head' on a classification architecture")
         if self.ways < 1:
             raise ValueError(f"model spec {self.name!r}: ways={self.ways}, expected >= 1")
         if not self.input_shape:

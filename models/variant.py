@@ -1,4 +1,5 @@
-"""`python -m models.variant SOURCE --name NAME --out DEST [--steps S] [--inner-lr LR] [--bn-policy P] [--note TEXT]`
+"""`python -m models.variant SOURCE --name NAME --out DEST [--steps S] [--inner-lr LR] [--bn-policy P]
+[--head-init meta|proto] [--note TEXT]`
 
 A served variant of a checkpoint: the same tensors (parameters, learned rates, per-step batch-norm weights and
 statistics) under another name and other serving defaults (inner steps, inner lr, batch-norm policy). The server
@@ -6,7 +7,8 @@ serves any support-set size a model's ways allow, so a 20-way model trained with
 variant gives that use its own name and the step count its meta-test recommends (`omniglot-20w5s` from the 20-way
 ANIL model: docs/results/omniglot-20w5s/). The provenance keeps the source's and adds `variant_of` (the source's
 path, name, serving defaults and training iterations) and the note, so a variant is never mistaken for a model
-trained for its own setting.
+trained for its own setting. `--head-init proto` serves an ANIL model's body with its head started from the support
+prototypes (Proto-MAML) instead of the meta-learned head (docs/results/omniglot-20w1s-proto/).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import math
 import sys
 
 from models.checkpoint import CheckpointError, MetaModel, load_checkpoint, save_checkpoint
-from models.spec import BN_POLICIES
+from models.spec import BN_POLICIES, HEAD_INITS
 
 __all__ = ["main", "variant"]
 
 
 def variant(model: MetaModel, source: str, name: str, steps: int | None = None, inner_lr: float | None = None,
-            bn_policy: str | None = None, note: str = "") -> MetaModel:
+            bn_policy: str | None = None, note: str = "", head_init: str | None = None) -> MetaModel:
     """`model` renamed, with the serving defaults given (None: the source's) and the provenance saying so."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"name {name!r}: expected a model name (a file name without '/', not starting with '.')")
@@ -33,14 +35,17 @@ def variant(model: MetaModel, source: str, name: str, steps: int | None = None, 
         raise ValueError(f"inner_lr {inner_lr}: expected a finite rate > 0")
     if bn_policy is not None and bn_policy not in BN_POLICIES:
         raise ValueError(f"bn_policy {bn_policy!r}: expected one of {list(BN_POLICIES)}")
+    if head_init is not None and head_init not in HEAD_INITS:
+        raise ValueError(f"head_init {head_init!r}: expected one of {list(HEAD_INITS)}")
     old = model.spec
     changes = {"name": name}
-    changes.update({k: v for k, v in (("steps", steps), ("inner_lr", inner_lr), ("bn_policy", bn_policy))
-                    if v is not None})
+    options = (("steps", steps), ("inner_lr", inner_lr), ("bn_policy", bn_policy), ("head_init", head_init))
+    changes.update({k: v for k, v in options if v is not None})
     spec = old.with_(**changes)
     provenance = dict(model.provenance)
     provenance["variant_of"] = {"path": source, "name": old.name, "steps": old.steps, "inner_lr": old.inner_lr,
-                                "bn_policy": old.bn_policy, "iterations": model.provenance.get("iterations"),
+                                "bn_policy": old.bn_policy, "head_init": old.head_init,
+                                "iterations": model.provenance.get("iterations"),
                                 "commit": model.provenance.get("commit"), "note": note}
     return dataclasses.replace(model, spec=spec, provenance=provenance)  # every tensor field of the source
 
@@ -54,16 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="default inner steps (default: the source's)")
     parser.add_argument("--inner-lr", type=float, help="default inner lr (default: the source's)")
     parser.add_argument("--bn-policy", help=f"serving batch-norm policy, one of {list(BN_POLICIES)}")
+    parser.add_argument("--head-init", help=f"how adapt starts the head, one of {list(HEAD_INITS)} (proto: the "
+                        "support prototypes; needs an ANIL model)")
     parser.add_argument("--note", default="", help="why the variant exists (kept in its provenance)")
     args = parser.parse_args(argv)
     try:
         model = load_checkpoint(args.source)
-        out = variant(model, args.source, args.name, args.steps, args.inner_lr, args.bn_policy, args.note)
+        out = variant(model, args.source, args.name, args.steps, args.inner_lr, args.bn_policy, args.note,
+                      args.head_init)
     except (CheckpointError, ValueError) as exc:
         parser.error(str(exc)[:500])
     path = save_checkpoint(args.out, out)
     print(f"wrote {path}: {out.spec.name} ({out.spec.ways}-way, {out.spec.steps} steps at lr {out.spec.inner_lr}, "
-          f"bn_policy {out.spec.bn_policy}), the tensors of {args.source}")
+          f"bn_policy {out.spec.bn_policy}, head_init {out.spec.head_init}), the tensors of {args.source}")
     return 0
 
 

@@ -8,6 +8,7 @@
 #   scripts/long_run.sh ... 00:25 --cosine_lr true --cosine_start 23100 --iterations 31000
 # To end a run early and keep its evaluation: `pkill -TERM -f "trainer CONFIG"` (the trainer stops at the next log point,
 # saves, meta-tests; this script then copies the results as after a timed stop).
+# RECIPE (default anil) names the trainer recipe, e.g. RECIPE=proto-anil.
 # Each docs/results/<run>/run.sh calls this with its own arguments; commit the run folder after every stop.
 set -euo pipefail
 [ $# -ge 4 ] || { echo "usage: $0 CONFIG RUN_DIR INIT_FROM DEFAULT_STOP_AT [--key value ...] (got $# arguments)" >&2
@@ -23,7 +24,7 @@ fi
 RESUME=()
 [ -f "$RUN/state/state.pt" ] && RESUME=(--resume)
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 .venv/bin/python -m trainer "$CONFIG" "${RESUME[@]}" \
-    --recipe anil --init_from "$INIT" --device cpu --out_dir "$RUN/state" \
+    --recipe "${RECIPE:-anil}" --init_from "$INIT" --device cpu --out_dir "$RUN/state" \
     --max_seconds "$MAX_SECONDS" --log_every 100 --val_every 1000 --val_tasks 200 --checkpoint_every 1000 \
     --checkpoint_seconds 300 --progress false "$@"
 cp "$RUN/state/results.json" "$RUN/state/results.md" "$RUN/"

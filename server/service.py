@@ -204,6 +204,7 @@ class FastAdaptService(pb_grpc.FastAdaptServicer):
             recipe=str(model.provenance.get("recipe") or (model.provenance.get("config") or {}).get("recipe")
                        or (model.provenance.get("config") or {}).get("algorithm") or "maml"),
             adapt_params=spec.adapt_params,
+            head_init=spec.head_init,
             per_step_bn_steps=model.bn_steps or 0,
             max_support_steps=self.limits.max_support_steps,
         )

@@ -72,6 +72,9 @@ class TrainConfig:
     # initialised from the initialization's), saved into the checkpoints (MetaModel.step_bn). Needs batch norm kept
     # out of the inner loop: adapt_params no-bn (or head).
     per_step_bn: bool = False
+    # Proto-MAML (Triantafillou et al. 2020): the inner loop starts the head at the support prototypes (models.maml.
+    # prototype_head) instead of the meta-learned head; meta | proto. With adapt_params head: Proto-ANIL.
+    head_init: str = "meta"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -82,7 +85,8 @@ class TrainConfig:
     def uses_recipe(self) -> bool:
         """Any switch beyond plain MAML / FOMAML / Meta-SGD (those keep their original code path bit for bit)."""
         return (self.adapt_params != "all" or self.lslr or self.msl_epochs > 0 or self.cosine_lr
-                or self.first_order_iterations > 0 or self.bn_running or self.per_step_bn)
+                or self.first_order_iterations > 0 or self.bn_running or self.per_step_bn
+                or self.head_init != "meta")
 
     def second_order_at(self, iteration: int) -> bool:
         """Derivative-order annealing: first order before `first_order_iterations`, the algorithm's order after."""
@@ -136,6 +140,7 @@ CONFIGS: dict[str, TrainConfig] = {
 RECIPES: dict[str, dict] = {
     "maml": {},
     "anil": {"adapt_params": "head"},
+    "proto-anil": {"adapt_params": "head", "head_init": "proto"},  # ANIL with the head started at the prototypes
     "maml++": {"adapt_params": "no-bn", "lslr": True, "msl_epochs": 20, "epoch_iterations": 500, "cosine_lr": True,
                "min_meta_lr": 1e-5, "first_order_iterations": 25_000, "per_step_bn": True},
     # ablation arms (A/B): one MAML++ ingredient at a time on top of MAML
@@ -223,6 +228,11 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argpar
         parser.error(f"--algorithm {cfg.algorithm!r}, expected maml, fomaml or metasgd")
     if cfg.adapt_params not in ("all", "head", "no-bn"):
         parser.error(f"--adapt_params {cfg.adapt_params!r}, expected all, head or no-bn")
+    if cfg.head_init not in ("meta", "proto"):
+        parser.error(f"--head_init {cfg.head_init!r}, expected meta or proto")
+    if cfg.head_init == "proto" and (cfg.adapt_params != "head" or cfg.dataset == "sinusoid"):
+        parser.error(f"--head_init proto with --adapt_params {cfg.adapt_params!r} on {cfg.dataset}: the prototypes "
+                     "are computed once from a fixed body; expected --adapt_params head on a classification data set")
     if cfg.bn_policy not in ("transductive", "support"):
         parser.error(f"--bn_policy {cfg.bn_policy!r}: meta-training normalizes with batch statistics, expected "
                      "transductive or support (serve with running: --bn_running true --serve_bn_policy running)")

@@ -82,6 +82,15 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
         final = {} if step_bn is None else step_row(step_bn, next(iter(step_bn.values())).shape[0] - 1, n)
         fast = {**stack_params(params, n), **final}
         fast_running = fast if "running" in policies else None
+        if spec.head_init == "proto":  # the head starts at the support prototypes (step 0's features), once
+            rows = _step_entry(step_bn, 0)
+            if batch_policies:
+                fast = {**adapt(spec, fast, b.support_x, b.support_y, 0, lr, adapt_keys=adapt_keys, step_bn=rows,
+                                head_init="proto").params, **final}
+            if fast_running is not None:
+                fast_running = {**adapt(spec, fast_running, b.support_x, b.support_y, 0, lr, adapt_keys=adapt_keys,
+                                        bn_running=_step_entry(bn_running, 0), step_bn=rows,
+                                        head_init="proto").params, **final}
         for s in range(steps + 1):
             with torch.no_grad():
                 for p in batch_policies:
@@ -95,13 +104,14 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
             # step s's entry of each per-step table, as entry 0 of a 1-step run
             rates, rows, entry = (_step_entry(t, s) for t in (step_lrs, step_bn, bn_running))
             if batch_policies and not recipe:
-                fast = adapt(spec, fast, b.support_x, b.support_y, 1, lr).params
+                fast = adapt(spec, fast, b.support_x, b.support_y, 1, lr, head_init="meta").params
             elif batch_policies:
                 fast = {**adapt(spec, fast, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
-                                step_lrs=rates, step_bn=rows).params, **final}
+                                step_lrs=rates, step_bn=rows, head_init="meta").params, **final}
             if fast_running is not None:
                 fast_running = {**adapt(spec, fast_running, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
-                                        step_lrs=rates, bn_running=entry, step_bn=rows).params, **final}
+                                        step_lrs=rates, bn_running=entry, step_bn=rows, head_init="meta").params,
+                                **final}
         done += n
     result = {"tasks": tasks, "metric": "mse" if spec.is_regression else "accuracy_percent"}
     for p in policies:
@@ -305,7 +315,8 @@ def main(argv=None) -> int:
         "train_seconds": prov.get("train_seconds"), "device": prov.get("device"), "split": data.get("split"),
         "report_step": spec.steps, "task_kind": kind, "within_alphabet": args.within_alphabet, "ways": args.ways,
         "shots": args.shots, "queries": args.queries, "steps": args.steps, "seed": args.seed, "chunk": args.chunk,
-        "recipe": {"adapt_params": spec.adapt_params, "lr": "LSLR per step" if model.step_lrs is not None else
+        "recipe": {"adapt_params": spec.adapt_params, "head_init": spec.head_init,
+                   "lr": "LSLR per step" if model.step_lrs is not None else
                    "Meta-SGD per element" if model.inner_lrs is not None else float(spec.inner_lr),
                    **({"per_step_bn_steps": model.bn_steps} if model.step_bn is not None else {})},
         "bn_running": None if model.bn_running is None else {
@@ -345,7 +356,7 @@ def evaluation_markdown(name: str, result: dict) -> str:
         f"# Meta-test of `{result['checkpoint']}`: {result['task_kind']} tasks", "",
         f"- Command: `{result['command']}` ({result['finished']})",
         f"- Checkpoint: `{result['checkpoint']}` ({name}; adapts {recipe['adapt_params']}, inner lr "
-        f"{recipe['lr']}{_bn_weights(recipe)}; {trained})",
+        f"{recipe['lr']}{_bn_weights(recipe)}{_head_init(recipe)}; {trained})",
         f"- Tasks: {result['tasks']} {result['task_kind']} {task} tasks, {result['queries']} "
         f"quer{'y' if result['queries'] == 1 else 'ies'} per class, "
         f"seed {result['seed']}, inner steps 0..{result['steps']} (serving default {result['report_step']}); {test}",
@@ -361,6 +372,11 @@ def evaluation_markdown(name: str, result: dict) -> str:
 def _step_entry(table: dict[str, torch.Tensor] | None, step: int) -> dict[str, torch.Tensor] | None:
     """Entry min(step, S - 1) of a per-step table ({name: [S, ...]}), kept as a table of one step [1, ...]."""
     return None if table is None else {k: v[min(step, v.shape[0] - 1)].unsqueeze(0) for k, v in table.items()}
+
+
+def _head_init(recipe: dict) -> str:
+    """The report's note on a head started from the support prototypes (Proto-MAML), where the model does so."""
+    return ", head started from the support prototypes" if recipe.get("head_init") == "proto" else ""
 
 
 def _bn_weights(recipe: dict) -> str:

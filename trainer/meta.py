@@ -128,7 +128,8 @@ class MetaLearner:
         self._update_running(world)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
+        # (a head started at the prototypes, Proto-MAML, gets no gradient: grad None, skipped by Adam)
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if world > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)

@@ -61,7 +61,7 @@ class BucketKey:
     lr_type: str  # "scalar", "per-param" or "" (predict)
     track: bool
     bn_policy: str
-    recipe: tuple = ()  # (adapt_params, ((name, steps), ...) of LSLR's rates): what the captured loop adapts
+    recipe: tuple = ()  # (adapt_params, ((name, steps), ...) of LSLR's rates[, head_init]): what the loop adapts
 
 
 def arch_key(spec: ModelSpec) -> tuple:
@@ -82,6 +82,8 @@ def bucket_key(op: str, spec: ModelSpec, tasks: int, support: int, queries: int,
     recipe = ()
     if op != "predict" and (spec.adapt_params != "all" or step_lrs is not None):
         recipe = (spec.adapt_params, tuple((k, int(v.shape[0])) for k, v in (step_lrs or {}).items()))
+        if spec.head_init != "meta":  # Proto-MAML: the captured loop starts the head at the support prototypes
+            recipe += (spec.head_init,)
     return BucketKey(op, arch_key(spec), int(tasks), int(support), int(queries), int(steps),
                      lr_type(lr) if lr is not None else "", bool(track), bn_policy, recipe)
 

@@ -201,6 +201,74 @@ def _head_kernel(
                     )
 
 
+@triton.jit
+def _prototype_kernel(
+    z_ptr,  # [T, B, H, W, C]: last conv's pre-BN output of the support rows
+    stat_ptr, gamma_ptr, beta_ptr,  # its BN statistics and affine (as _head_kernel)
+    y_ptr,  # int64 [T, B]: support labels
+    hw_ptr, hb_ptr,  # out [T, WAYS, F], [T, WAYS]: the prototype head
+    B, H, W, count, gb_st,
+    C: tl.constexpr, F: tl.constexpr, WAYS: tl.constexpr, POOL: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_F: tl.constexpr, WAYS_PAD: tl.constexpr, PRECISION: tl.constexpr, EPS: tl.constexpr,
+):
+    """Proto-MAML's head of one task: class means mu_c of the support features, weight 2 mu_c, bias -|mu_c|^2."""
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.arange(0, BLOCK_B)
+    bmask = b < B
+    j = tl.arange(0, WAYS_PAD)
+    jmask = j < WAYS
+    z_task = z_ptr + t * B * H * W * C
+    stat_task = stat_ptr + t * 2 * C
+    yv = tl.load(y_ptr + t * B + b, mask=bmask, other=-1).to(tl.int32)
+    onehot = tl.where(yv[:, None] == j[None, :], 1.0, 0.0)  # [BLOCK_B, WAYS_PAD]; padded rows match no class
+    counts = tl.maximum(tl.sum(onehot, axis=0), 1.0)  # a class without rows keeps mu = 0
+    sq = tl.zeros([WAYS_PAD], dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        fmask = f < F
+        feats = _head_features(
+            z_task, stat_task, gamma_ptr + t * gb_st, beta_ptr + t * gb_st, count, b, bmask, f, fmask, H, W, C,
+            POOL, BLOCK_B, BLOCK_F, EPS,
+        )
+        mu = tl.dot(tl.trans(onehot), feats, input_precision=PRECISION) / counts[:, None]  # [WAYS_PAD, BLOCK_F]
+        sq += tl.sum(mu * mu, axis=1)
+        tl.store(hw_ptr + t * WAYS * F + j[:, None] * F + f[None, :], 2.0 * mu, mask=jmask[:, None] & fmask[None, :])
+    tl.store(hb_ptr + t * WAYS + j, -sq, mask=jmask)
+
+
+def prototype_head(z: torch.Tensor, bn: BNInput, labels: torch.Tensor, ways: int, *, pool: bool,
+                   out: dict[str, torch.Tensor] | None = None, precision: str = "ieee") -> dict[str, torch.Tensor]:
+    """The head Proto-MAML starts from (models.maml.prototype_head), from the last conv's pre-BN output of the
+    support rows z [T, B, H, W, C] (features built as the head kernel builds them) and labels int64 [T, B]:
+    {'weight': [T, ways, F] = 2 mu, 'bias': [T, ways] = -|mu|^2}, written into `out` when given. One program per
+    task holds all B <= 1024 support rows."""
+    check_precision(precision)
+    dev = z.device
+    tasks, batch, h, w, c = check_tensor(z, "z", (None,) * 5, device=dev).shape
+    check_stats(bn.stats, "bn.stats", tasks, c, dev)
+    gb_st = task_stride(bn.gamma, "bn.gamma", tasks, (c,), dev)
+    if task_stride(bn.beta, "bn.beta", tasks, (c,), dev) != gb_st:
+        raise ValueError("bn.gamma and bn.beta must both have the task axis or both lack it")
+    if pool and (h < 2 or w < 2):
+        raise ValueError(f"z is {h}x{w}, expected at least 2x2 for the 2x2 max-pool")
+    if batch > MAX_TRAIN_ROWS:
+        raise ValueError(f"the prototypes hold a task's rows in one program: {batch} rows, expected <= "
+                         f"{MAX_TRAIN_ROWS}")
+    check_tensor(labels, "labels", (tasks, batch), dtype=torch.int64, device=dev)
+    feats = head_features(c, h, w, pool)
+    shapes = {"weight": (tasks, ways, feats), "bias": (tasks, ways)}
+    out = {k: torch.empty(s, device=dev) for k, s in shapes.items()} if out is None else out
+    for k, s in shapes.items():
+        check_tensor(out.get(k), f"out[{k!r}]", s, device=dev)
+    block_b, block_f = head_blocks(batch, feats, True)
+    _prototype_kernel[(tasks,)](
+        z, bn.stats, bn.gamma, bn.beta, labels, out["weight"], out["bias"], batch, h, w, int(bn.count), gb_st,
+        C=c, F=feats, WAYS=ways, POOL=pool, BLOCK_B=block_b, BLOCK_F=block_f, WAYS_PAD=max(16, next_pow2(ways)),
+        PRECISION=precision, EPS=BN_EPS, num_warps=4,
+    )
+    return out
+
+
 @dataclass
 class HeadResult:
     logits: torch.Tensor | None = None  # [T, B, ways]

@@ -22,7 +22,7 @@ import torch
 from kernels.fused.common import check_tensor
 from kernels.fused.conv_backward import bwd_layout, conv_bn_backward_sgd
 from kernels.fused.conv_forward import BNInput, conv_bn_forward, conv_out_size, fwd_programs
-from kernels.fused.head import MAX_TRAIN_ROWS, HeadResult, head_features, head_programs, head_step
+from kernels.fused.head import MAX_TRAIN_ROWS, HeadResult, head_features, head_programs, head_step, prototype_head
 from kernels.fused.stats import bn_moments, moments_dict
 from models.functional import param_shapes
 from models.spec import ModelSpec
@@ -127,8 +127,9 @@ class AdaptProgram:
     lr: a float, a 0-dim float32 device tensor (what a captured program holds: a new value needs no new graph) or
     Meta-SGD rates {name: tensor shaped like one task's parameter}.
     head_only: ANIL (spec.adapt_params == 'head'): the body is forwarded once with the meta-initialization and
-    only the head takes the K steps (no backward into the conv blocks). recipe: RecipeRates (frozen parameters,
-    LSLR's per-step rates), applied on top of lr.
+    only the head takes the K steps (no backward into the conv blocks); with spec.head_init 'proto' (Proto-MAML) the
+    head starts at the support prototypes of those features (kernels.fused.head.prototype_head).
+    recipe: RecipeRates (frozen parameters, LSLR's per-step rates), applied on top of lr.
     """
 
     def __init__(self, spec: ModelSpec, tasks: int, support: int, queries: int, steps: int, track: bool,
@@ -277,6 +278,10 @@ class AdaptProgram:
             if not name.startswith("head.") or self.steps == 0:
                 v.copy_(self.meta[name].expand_as(v))
         head = {"weight": self.meta["head.weight"], "bias": self.meta["head.bias"]}
+        if spec.head_init == "proto":  # Proto-MAML: the head starts at the support prototypes of these features
+            start = self.param_sets[1 if self.steps else 0]  # step 0 reads it (written by step 1), or it is final
+            head = prototype_head(self.z[3], bn, self.support_y, spec.ways, pool=self.pool, precision=prec,
+                                  out={"weight": start["head.weight"], "bias": start["head.bias"]})
         for s in range(self.steps):
             nxt = self.param_sets[s % 2]
             new = {"weight": nxt["head.weight"], "bias": nxt["head.bias"]}

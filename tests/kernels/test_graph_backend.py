@@ -418,6 +418,27 @@ def test_recipes_are_buckets_of_their_own_and_adapt_as_the_checkpoint_says():
     assert len(keys) == 3
 
 
+def test_a_proto_head_model_is_a_bucket_of_its_own_and_starts_at_the_prototypes():
+    """Proto-ANIL (head_init proto) beside ANIL with the same tensors: its own bucket (head_init is part of the
+    key), and its adaptation is the reference's, whose 0-step head is the support prototypes, not the meta head."""
+    backend = GraphBackend("cpu", capture=False, capture_after=1)
+    sx, sy, qx = make_tasks(2, shots=2, queries=3, seed=4)
+    anil = recipe_model("head")
+    proto = MetaModel(anil.spec.with_(head_init="proto"), anil.params, None, {})
+    assert bucket_key("adapt", anil.spec, 2, 6, 0, 3, 0.4) != bucket_key("adapt", proto.spec, 2, 6, 0, 3, 0.4)
+    for steps in (0, 3):
+        for model in (anil, proto):
+            res, logits = backend.adapt_predict(model, sx, sy, qx, steps, 0.4)
+            want, want_logits = recipe_reference(model, sx, sy, qx, steps, 0.4)
+            for k, v in want.params.items():
+                torch.testing.assert_close(res.params[k], v, atol=1e-6, rtol=1e-6, msg=f"{model.name} {k}")
+            torch.testing.assert_close(logits, want_logits, atol=1e-6, rtol=1e-6)
+        if steps == 0:
+            assert not torch.allclose(res.params["head.weight"], anil.params["head.weight"].expand_as(
+                res.params["head.weight"])), "the proto model's head must not be the meta head"
+    assert backend.captures == 4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("adapt_params,rates", [("head", None), ("no-bn", None), ("all", LSLR_RATES)])
 def test_recipes_captured_on_cuda_match_the_reference(adapt_params, rates):

@@ -30,9 +30,9 @@ def _tasks(seed=8, tasks=2):
     return sx, sy, qx
 
 
-def _recipe_model(adapt_params="all", step_lrs=None, meta_sgd=False, seed=9, bn_policy="support"):
+def _recipe_model(adapt_params="all", step_lrs=None, meta_sgd=False, seed=9, bn_policy="support", head_init="meta"):
     spec = ModelSpec(f"micro-{adapt_params}", "conv4-omniglot", ways=3, inner_lr=0.4, steps=2, hidden=16,
-                     input_shape=(1, 9, 9), adapt_params=adapt_params, bn_policy=bn_policy)
+                     input_shape=(1, 9, 9), adapt_params=adapt_params, bn_policy=bn_policy, head_init=head_init)
     base = _model(spec, seed=seed, meta_sgd=meta_sgd)
     rates = None if step_lrs is None else {k: v.to(DEV) for k, v in step_lrs.items()}
     return MetaModel(spec, base.params, base.inner_lrs, {}, rates)
@@ -88,6 +88,32 @@ def test_anil_with_meta_sgd_rates_and_zero_steps():
     want0 = reference_adapt(model.spec, model.params, sx, sy, 0, 0.4, track=True, **recipe_options(model))
     _assert_params_close(zero.params, want0.params, "0-step ANIL")
     torch.testing.assert_close(zero.support_loss, want0.support_loss, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("steps,policy", [(0, "support"), (1, "transductive"), (3, "support")])
+def test_proto_anil_starts_the_head_at_the_support_prototypes_on_the_fused_path(steps, policy, caplog):
+    """Proto-ANIL (head_init proto): the Triton program's prototype kernel, then the head steps; no fallback. The
+    fast weights, losses and logits are the reference's, and after 0 steps the head is 2 mu / -|mu|^2 of the
+    support features, i.e. the logits rank the classes as Euclidean nearest-centroid does."""
+    model = _recipe_model("head", bn_policy=policy, head_init="proto", seed=11)
+    sx, sy, qx = _tasks(seed=12)
+    backend = TritonBackend(DEV)
+    with caplog.at_level(logging.WARNING):
+        got, logits = backend.adapt_predict(model, sx, sy, qx, steps, 0.4, track=True, bn_policy=policy)
+    assert "using the reference path" not in caplog.text
+    want, want_logits, _ = _reference(model, sx, sy, qx, steps, 0.4, policy)
+    _check(got, logits, want, want_logits, f"Proto-ANIL, {steps} steps")
+    if steps == 0:  # an independent nearest-centroid classifier on the body's features
+        from models.functional import body_features, stack_params
+
+        body = stack_params(model.params, 2)
+        feats = body_features(model.spec, body, sx)
+        mu = torch.stack([torch.stack([feats[t][sy[t] == c].mean(0) for c in range(3)]) for t in range(2)])
+        torch.testing.assert_close(got.params["head.weight"], 2 * mu, rtol=RTOL, atol=ATOL)
+        n = sx.shape[1]
+        fq = (body_features(model.spec, body, torch.cat([sx, qx], 1), stat_rows=n)[:, n:]
+              if policy == "support" else body_features(model.spec, body, qx))
+        assert torch.equal(logits.argmax(-1), (-torch.cdist(fq, mu)).argmax(-1))
 
 
 def test_lslr_per_step_rates_match_the_reference():

@@ -105,3 +105,29 @@ def test_per_step_batch_norm_weights_are_served_and_reported(make_server, tmp_pa
     np.testing.assert_allclose(adapted.support_loss, want.support_loss[:, 0].numpy(), atol=1e-5, rtol=1e-5)
     assert not np.allclose(ignored, logits, atol=1e-3)  # the per-step rows really change the adaptation
     assert info["per_step_bn_steps"] == 2 and info["adapt_params"] == "no-bn" and info["recipe"] == "maml++"
+
+
+def test_a_proto_head_model_is_served_from_the_support_prototypes_and_reported(make_server, tmp_path):
+    """head_init proto (Proto-ANIL): served logits are the reference's, whose head starts at the prototypes (not the
+    checkpoint's head: a second checkpoint with another head serves the same logits), and GetModel says so."""
+    spec = ANIL.with_(name="tiny-proto", head_init="proto")
+    params = init_params(spec, torch.Generator().manual_seed(5))
+    other = {**params, "head.weight": params["head.weight"] * -3.0, "head.bias": params["head.bias"] + 1.0}
+    (tmp_path / "zoo").mkdir()
+    model = MetaModel(spec, params, provenance={"recipe": "proto-anil"})
+    save_checkpoint(tmp_path / "zoo" / "tiny-proto.pt", model)
+    save_checkpoint(tmp_path / "zoo" / "tiny-proto-b.pt", MetaModel(spec.with_(name="tiny-proto-b"), other))
+    server = make_server(model_dir=tmp_path / "zoo")
+    sx, sy, qx = random_task(spec, queries=4)
+    with FastAdaptClient(server.address, timeout=30) as client:
+        _, prediction = client.adapt_and_predict("tiny-proto", sx, sy, qx)
+        _, other_prediction = client.adapt_and_predict("tiny-proto-b", sx, sy, qx)
+        info = client.get_model("tiny-proto")
+        plain = client.get_model("tiny-proto-b")
+    _, logits = reference(model, sx, sy, qx, adapt_keys=HEAD_KEYS)
+    np.testing.assert_allclose(prediction.logits, logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(other_prediction.logits, logits, atol=1e-5, rtol=1e-5)
+    _, meta_logits = reference(model, sx, sy, qx, adapt_keys=HEAD_KEYS, head_init="meta")
+    assert not np.allclose(meta_logits, logits, atol=1e-3)
+    assert info["head_init"] == "proto" and info["recipe"] == "proto-anil" and info["adapt_params"] == "head"
+    assert plain["head_init"] == "proto"

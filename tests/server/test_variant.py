@@ -40,8 +40,8 @@ def test_a_variant_keeps_every_tensor_and_records_its_source(tmp_path, source, c
     assert all(torch.equal(got.step_lrs[k], model.step_lrs[k]) for k in HEAD_KEYS)
     assert got.provenance["iterations"] == 123
     assert got.provenance["variant_of"] == {"path": str(path), "name": "tiny-20w1s", "steps": 2, "inner_lr": 0.3,
-                                            "bn_policy": "support", "iterations": 123, "commit": "abc",
-                                            "note": "5 shots"}
+                                            "bn_policy": "support", "head_init": "meta", "iterations": 123,
+                                            "commit": "abc", "note": "5 shots"}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -49,6 +49,7 @@ def test_a_variant_keeps_every_tensor_and_records_its_source(tmp_path, source, c
     (["--name", "a/b"], "name 'a/b': expected a model name"),
     (["--name", "x", "--inner-lr", "nan"], "inner_lr nan: expected a finite rate > 0"),
     (["--name", "x", "--bn-policy", "batch"], "bn_policy 'batch': expected one of"),
+    (["--name", "x", "--head-init", "mean"], "head_init 'mean': expected one of"),
 ])
 def test_bad_arguments_exit_2_naming_the_value(tmp_path, source, capsys, argv, message):
     path, _ = source
@@ -84,3 +85,19 @@ def test_the_server_adapts_a_variant_with_its_own_default_steps_on_more_shots(ma
     np.testing.assert_allclose(prediction.logits, want, atol=1e-5, rtol=1e-5)
     two = adapt(SOURCE, model.params, x, y, 2, 0.3, adapt_keys=HEAD_KEYS, step_lrs=model.step_lrs).params
     assert not torch.allclose(two["head.weight"], fast["head.weight"], atol=1e-4)  # the step count matters here
+
+
+def test_a_proto_head_variant_of_an_anil_model_and_of_a_maml_one(tmp_path, source, capsys):
+    """--head-init proto: the same tensors, adapted from the support prototypes; a MAML (all-parameter) source is
+    refused (exit 2, naming its adapt_params)."""
+    path, model = source
+    out = tmp_path / "p.pt"
+    assert main([str(path), "--name", "tiny-proto", "--head-init", "proto", "--out", str(out)]) == 0
+    assert "head_init proto" in capsys.readouterr().out
+    got = load_checkpoint(out)
+    assert got.spec == SOURCE.with_(name="tiny-proto", head_init="proto")
+    assert got.provenance["variant_of"]["head_init"] == "meta"
+    maml = save_checkpoint(tmp_path / "maml.pt", MetaModel(SOURCE.with_(adapt_params="all"), model.params))
+    with pytest.raises(SystemExit) as exc:
+        main([str(maml), "--name", "x", "--head-init", "proto", "--out", str(tmp_path / "x.pt")])
+    assert exc.value.code == 2 and "adapt_params 'all'" in capsys.readouterr().err

@@ -161,6 +161,7 @@ def _omniglot_cfg(tmp_path, recipe, **kw):
 
 @pytest.mark.parametrize("recipe,kw", [
     ("anil", dict(iterations=60, inner_steps=3)),
+    ("proto-anil", dict(iterations=60, inner_steps=1)),  # the body learns through the prototypes alone
     # MAML++ first-order phase (LSLR, multi-step loss, BN not adapted); a cosine over 50 iterations would leave
     # half of them at a vanishing lr, so it is off here (tested above).
     ("maml++", dict(iterations=50, inner_steps=2, msl_epochs=4, epoch_iterations=10, cosine_lr=False)),
@@ -244,3 +245,12 @@ def test_ab_gives_every_arm_the_same_cpu_time_and_writes_its_report(tmp_path):
     assert "| anil |" in table and "| maml+fo-warmup |" in table and (out / "ab.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         main(["--arms", "reptile", "--out", str(out)])
+
+
+def test_proto_anil_preset_and_a_proto_head_without_it_is_refused(capsys):
+    cfg, _ = config_from_args(["omniglot-20w1s", "--recipe", "proto-anil"])
+    assert cfg.head_init == "proto" and cfg.adapt_params == "head" and model_spec(cfg).head_init == "proto"
+    for argv, needle in ((["--head_init", "proto"], "--adapt_params 'all'"), (["--head_init", "mean"], "'mean'")):
+        with pytest.raises(SystemExit) as exc:
+            config_from_args(["omniglot-5w1s", *argv])
+        assert exc.value.code == 2 and needle in capsys.readouterr().err
