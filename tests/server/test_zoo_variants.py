@@ -1,5 +1,5 @@
 """The bundled 5-shot models (`omniglot-5w5s`, `omniglot-20w5s`) are variants of the 1-shot ANIL models
-(`models.variant`: the same tensors, 10 head steps by default; docs/results/omniglot-5w5s-variant/ and
+(`models.variant`: the same tensors and head start, 10 head steps by default; docs/results/omniglot-5w5s-proto/ and
 omniglot-20w5s/): served over loopback on real 5-shot tasks of new Omniglot alphabets, each adapts the head alone
 for its 10 default steps exactly as the in-process reference does, and answers far above chance."""
 
@@ -29,11 +29,13 @@ def test_a_bundled_5_shot_variant_serves_10_head_steps_as_the_reference(serve_zo
     model = load_checkpoint(ZOO_DIR / f"{name}.pt")
     original = load_checkpoint(ZOO_DIR / f"{source}.pt")
     assert model.spec.ways == ways and model.spec.steps == 10 and model.spec.adapt_params == "head"
+    assert model.spec.head_init == original.spec.head_init
     for key, value in original.params.items():  # the same tensors as the 1-shot model it is a variant of
         assert torch.equal(model.params[key], value), key
     client, _ = serve_zoo(name)
     info = client.get_model(name)
-    assert info["default_steps"] == 10 and info["adapt_params"] == "head" and info["recipe"] == "anil"
+    assert info["default_steps"] == 10 and info["adapt_params"] == "head" and info["recipe"] in ("anil", "proto-anil")
+    assert info["head_init"] == model.spec.head_init
     assert source in info["provenance"]["variant_of"]
 
     rng, names, spec = np.random.default_rng(7), list(characters), model.spec
@@ -43,7 +45,7 @@ def test_a_bundled_5_shot_variant_serves_10_head_steps_as_the_reference(serve_zo
         adapted, prediction = client.adapt_and_predict(name, sx, sy, qx, keep=False)
         assert adapted.steps == 10
         correct, total = correct + int(np.sum(prediction.labels == qy)), total + len(qy)
-        if task == 0:  # the served adaptation is the reference's: 10 steps of the head, at the spec's rate
+        if task == 0:  # the served adaptation is the reference's: 10 steps of the head (from the spec's start)
             x = preprocess_uint8(spec, torch.from_numpy(sx))[None]
             q = preprocess_uint8(spec, torch.from_numpy(qx))[None]
             y = torch.from_numpy(sy.astype(np.int64))[None]
