@@ -236,12 +236,9 @@ def _prototype_kernel(
     tl.store(hb_ptr + t * WAYS + j, -sq, mask=jmask)
 
 
-def prototype_head(z: torch.Tensor, bn: BNInput, labels: torch.Tensor, ways: int, *, pool: bool,
-                   out: dict[str, torch.Tensor] | None = None, precision: str = "ieee") -> dict[str, torch.Tensor]:
-    """The head Proto-MAML starts from (models.maml.prototype_head), from the last conv's pre-BN output of the
-    support rows z [T, B, H, W, C] (features built as the head kernel builds them) and labels int64 [T, B]:
-    {'weight': [T, ways, F] = 2 mu, 'bias': [T, ways] = -|mu|^2}, written into `out` when given. One program per
-    task holds all B <= 1024 support rows."""
+def _check_head_input(z: torch.Tensor, bn: BNInput, pool: bool, precision: str) -> tuple[int, ...]:
+    """What every head launcher checks of its input, the last conv's pre-BN output z [T, B, H, W, C] and its batch
+    norm: (T, B, H, W, C, the task stride of gamma / beta)."""
     check_precision(precision)
     dev = z.device
     tasks, batch, h, w, c = check_tensor(z, "z", (None,) * 5, device=dev).shape
@@ -251,6 +248,17 @@ def prototype_head(z: torch.Tensor, bn: BNInput, labels: torch.Tensor, ways: int
         raise ValueError("bn.gamma and bn.beta must both have the task axis or both lack it")
     if pool and (h < 2 or w < 2):
         raise ValueError(f"z is {h}x{w}, expected at least 2x2 for the 2x2 max-pool")
+    return tasks, batch, h, w, c, gb_st
+
+
+def prototype_head(z: torch.Tensor, bn: BNInput, labels: torch.Tensor, ways: int, *, pool: bool,
+                   out: dict[str, torch.Tensor] | None = None, precision: str = "ieee") -> dict[str, torch.Tensor]:
+    """The head Proto-MAML starts from (models.maml.prototype_head), from the last conv's pre-BN output of the
+    support rows z [T, B, H, W, C] (features built as the head kernel builds them) and labels int64 [T, B]:
+    {'weight': [T, ways, F] = 2 mu, 'bias': [T, ways] = -|mu|^2}, written into `out` when given. One program per
+    task holds all B <= 1024 support rows."""
+    dev = z.device
+    tasks, batch, h, w, c, gb_st = _check_head_input(z, bn, pool, precision)
     if batch > MAX_TRAIN_ROWS:
         raise ValueError(f"the prototypes hold a task's rows in one program: {batch} rows, expected <= "
                          f"{MAX_TRAIN_ROWS}")
@@ -322,15 +330,8 @@ def head_step(
     preallocated outputs (loss, accuracy and bsum accumulate, so they must start at zero; with pool and an odd
     map, out.dy's last row / column is never written and must hold zeros). Returns the filled HeadResult.
     """
-    check_precision(precision)
     dev = z.device
-    tasks, batch, h, w, c = check_tensor(z, "z", (None,) * 5, device=dev).shape
-    check_stats(bn.stats, "bn.stats", tasks, c, dev)
-    gb_st = task_stride(bn.gamma, "bn.gamma", tasks, (c,), dev)
-    if task_stride(bn.beta, "bn.beta", tasks, (c,), dev) != gb_st:
-        raise ValueError("bn.gamma and bn.beta must both have the task axis or both lack it")
-    if pool and (h < 2 or w < 2):
-        raise ValueError(f"z is {h}x{w}, expected at least 2x2 for the 2x2 max-pool")
+    tasks, batch, h, w, c, gb_st = _check_head_input(z, bn, pool, precision)
     feats = head_features(c, h, w, pool)
     ways = weight.shape[-2] if weight.dim() >= 2 else -1
     hw_st = task_stride(weight, "weight", tasks, (ways, feats), dev)
