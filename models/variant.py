@@ -1,5 +1,5 @@
 """`python -m models.variant SOURCE --name NAME --out DEST [--steps S] [--inner-lr LR] [--bn-policy P]
-[--head-init meta|proto] [--note TEXT]`
+[--head-init meta|proto] [--ways N] [--note TEXT]`
 
 A served variant of a checkpoint: the same tensors (parameters, learned rates, per-step batch-norm weights and
 statistics) under another name and other serving defaults (inner steps, inner lr, batch-norm policy). The server
@@ -8,7 +8,9 @@ variant gives that use its own name and the step count its meta-test recommends 
 ANIL model: docs/results/omniglot-20w5s/). The provenance keeps the source's and adds `variant_of` (the source's
 path, name, serving defaults and training iterations) and the note, so a variant is never mistaken for a model
 trained for its own setting. `--head-init proto` serves an ANIL model's body with its head started from the support
-prototypes (Proto-MAML) instead of the meta-learned head (docs/results/omniglot-20w1s-proto/).
+prototypes (Proto-MAML) instead of the meta-learned head (docs/results/omniglot-20w1s-proto/). `--ways N` (fewer
+than the source's, prototype head only) serves the body for N-way tasks: a prototype head never reads the meta-learned
+head's rows, so a body meta-trained on 20-way tasks answers 5-way ones (docs/results/omniglot-5w1s-from-20w/).
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ import math
 import sys
 
 from models.checkpoint import CheckpointError, MetaModel, load_checkpoint, save_checkpoint
+from models.functional import HEAD_KEYS
 from models.spec import BN_POLICIES, HEAD_INITS
 
 __all__ = ["main", "variant"]
 
 
 def variant(model: MetaModel, source: str, name: str, steps: int | None = None, inner_lr: float | None = None,
-            bn_policy: str | None = None, note: str = "", head_init: str | None = None) -> MetaModel:
-    """`model` renamed, with the serving defaults given (None: the source's) and the provenance saying so."""
+            bn_policy: str | None = None, note: str = "", head_init: str | None = None,
+            ways: int | None = None) -> MetaModel:
+    """`model` renamed, with the serving defaults given (None: the source's) and the provenance saying so. `ways`
+    (fewer than the source's; the variant's head must start at the prototypes) keeps the head tensors' first rows."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"name {name!r}: expected a model name (a file name without '/', not starting with '.')")
     if steps is not None and steps < 0:
@@ -39,15 +44,28 @@ def variant(model: MetaModel, source: str, name: str, steps: int | None = None, 
         raise ValueError(f"head_init {head_init!r}: expected one of {list(HEAD_INITS)}")
     old = model.spec
     changes = {"name": name}
-    options = (("steps", steps), ("inner_lr", inner_lr), ("bn_policy", bn_policy), ("head_init", head_init))
+    options = (("steps", steps), ("inner_lr", inner_lr), ("bn_policy", bn_policy), ("head_init", head_init),
+               ("ways", ways))
     changes.update({k: v for k, v in options if v is not None})
     spec = old.with_(**changes)
+    tensors = {}
+    if ways is not None and ways != old.ways:
+        if not 2 <= ways < old.ways:
+            raise ValueError(f"ways {ways}: expected 2..{old.ways} (model {old.name} is {old.ways}-way; a variant "
+                             "keeps rows of its head, it cannot add classes)")
+        if spec.head_init != "proto":
+            raise ValueError(f"ways {ways} with head_init {spec.head_init!r}: expected head_init 'proto' (only a "
+                             "head started at the support prototypes leaves the meta-learned head's rows unused)")
+        tensors["params"] = {k: v[:ways].clone() if k in HEAD_KEYS else v for k, v in model.params.items()}
+        if model.inner_lrs is not None:  # Meta-SGD: per-element rates have the head's shape
+            tensors["inner_lrs"] = {k: v[:ways].clone() if k in HEAD_KEYS else v for k, v in model.inner_lrs.items()}
     provenance = dict(model.provenance)
     provenance["variant_of"] = {"path": source, "name": old.name, "steps": old.steps, "inner_lr": old.inner_lr,
-                                "bn_policy": old.bn_policy, "head_init": old.head_init,
+                                "bn_policy": old.bn_policy, "head_init": old.head_init, "ways": old.ways,
                                 "iterations": model.provenance.get("iterations"),
                                 "commit": model.provenance.get("commit"), "note": note}
-    return dataclasses.replace(model, spec=spec, provenance=provenance)  # every tensor field of the source
+    # every tensor field of the source (the head's first `ways` rows for fewer ways)
+    return dataclasses.replace(model, spec=spec, provenance=provenance, **tensors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bn-policy", help=f"serving batch-norm policy, one of {list(BN_POLICIES)}")
     parser.add_argument("--head-init", help=f"how adapt starts the head, one of {list(HEAD_INITS)} (proto: the "
                         "support prototypes; needs an ANIL model)")
+    parser.add_argument("--ways", type=int, help="serve N-way tasks, fewer than the source's ways (needs the "
+                        "prototype head: --head-init proto or a proto source)")
     parser.add_argument("--note", default="", help="why the variant exists (kept in its provenance)")
     args = parser.parse_args(argv)
     try:
         model = load_checkpoint(args.source)
         out = variant(model, args.source, args.name, args.steps, args.inner_lr, args.bn_policy, args.note,
-                      args.head_init)
+                      args.head_init, args.ways)
     except (CheckpointError, ValueError) as exc:
         parser.error(str(exc)[:500])
     path = save_checkpoint(args.out, out)

@@ -41,7 +41,7 @@ def test_a_variant_keeps_every_tensor_and_records_its_source(tmp_path, source, c
     assert got.provenance["iterations"] == 123
     assert got.provenance["variant_of"] == {"path": str(path), "name": "tiny-20w1s", "steps": 2, "inner_lr": 0.3,
                                             "bn_policy": "support", "head_init": "meta", "iterations": 123,
-                                            "commit": "abc", "note": "5 shots"}
+                                            "commit": "abc", "note": "5 shots", "ways": 4}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -101,3 +101,56 @@ def test_a_proto_head_variant_of_an_anil_model_and_of_a_maml_one(tmp_path, sourc
     with pytest.raises(SystemExit) as exc:
         main([str(maml), "--name", "x", "--head-init", "proto", "--out", str(tmp_path / "x.pt")])
     assert exc.value.code == 2 and "adapt_params 'all'" in capsys.readouterr().err
+
+
+def test_a_fewer_ways_proto_variant_serves_the_body_as_a_nearest_centroid_classifier(make_server, tmp_path, source,
+                                                                                      capsys):
+    """--ways 2 --head-init proto of a 4-way ANIL model: the body's tensors, the head's first 2 rows; served over
+    loopback on 2-way tasks, its 0-step logits are an independent nearest-centroid's (|f|^2 - |f - mu_c|^2 on the body
+    features, via cdist), and its default steps are the reference adapt's from the prototypes."""
+    path, model = source
+    zoo = tmp_path / "zoo"
+    assert main([str(path), "--name", "tiny-2w", "--ways", "2", "--head-init", "proto", "--steps", "3",
+                 "--out", str(zoo / "tiny-2w.pt")]) == 0
+    assert "tiny-2w (2-way, 3 steps" in capsys.readouterr().out
+    got = load_checkpoint(zoo / "tiny-2w.pt")
+    assert got.spec == SOURCE.with_(name="tiny-2w", ways=2, steps=3, head_init="proto")
+    assert got.provenance["variant_of"]["ways"] == 4
+    for key, value in model.params.items():
+        assert torch.equal(got.params[key], value[:2] if key in HEAD_KEYS else value), key
+    spec = got.spec
+    server = make_server(model_dir=zoo)
+    sx, sy, qx = random_task(spec, shots=3, queries=4)
+    with FastAdaptClient(server.address, timeout=30) as client:
+        adapted, prediction = client.adapt_and_predict("tiny-2w", sx, sy, qx)
+    assert adapted.steps == 3
+    x = preprocess_uint8(spec, torch.from_numpy(sx))[None]
+    q = preprocess_uint8(spec, torch.from_numpy(qx))[None]
+    y = torch.from_numpy(sy.astype(np.int64))
+    wide = spec.with_(ways=spec.hidden)  # the body's features under the support statistics, read off an identity head
+    zero = adapt(spec, got.params, x, y[None], 0, spec.inner_lr, adapt_keys=HEAD_KEYS).params  # [1, ...] per task
+    body = {**zero, "head.weight": torch.eye(spec.hidden)[None], "head.bias": torch.zeros(1, spec.hidden)}
+    with torch.no_grad():
+        stats = adaptation_stats(wide, body, x)
+        fs, fq = predict(wide, body, x, stats=stats)[0], predict(wide, body, q, stats=stats)[0]
+        at_zero = predict(spec, zero, q, stats=adaptation_stats(spec, zero, x))[0]
+    mu = torch.stack([fs[y == c].mean(0) for c in range(2)])
+    want = (fq * fq).sum(1, keepdim=True) - torch.cdist(fq, mu) ** 2
+    torch.testing.assert_close(at_zero, want, atol=1e-3, rtol=1e-3)
+    fast = adapt(spec, got.params, x, y[None], 3, spec.inner_lr, adapt_keys=HEAD_KEYS, step_lrs=got.step_lrs).params
+    with torch.no_grad():
+        want3 = predict(spec, fast, q, stats=adaptation_stats(spec, fast, x))[0].numpy()
+    np.testing.assert_allclose(prediction.logits, want3, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ways", "2"], "ways 2 with head_init 'meta': expected head_init 'proto'"),
+    (["--ways", "5", "--head-init", "proto"], "ways 5: expected 2..4 (model tiny-20w1s is 4-way"),
+    (["--ways", "1", "--head-init", "proto"], "ways 1: expected 2..4"),
+])
+def test_bad_ways_exit_2_naming_the_value(tmp_path, source, capsys, argv, message):
+    path, _ = source
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--name", "x", *argv, "--out", str(tmp_path / "v.pt")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "v.pt").exists()
