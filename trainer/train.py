@@ -130,16 +130,23 @@ class Trainer:
 
     def _init_from(self, path: str):
         """Start from another checkpoint's meta-initialization (same architecture and ways), e.g. a MAML body for
-        ANIL; Adam starts fresh. Its file name and provenance summary go into this run's provenance."""
+        ANIL; Adam starts fresh. Its file name and provenance summary go into this run's provenance. A run whose head
+        starts at the support prototypes (head_init proto) never reads the meta-learned head, so it may start from a
+        checkpoint of other ways: the body is copied and the head keeps its fresh initialization (higher-way
+        training: a 40-way run from a 20-way model, served at 20-way by `models.variant --ways`)."""
         from models.checkpoint import load_checkpoint
+        from models.functional import HEAD_KEYS
 
         source = load_checkpoint(path, expect_arch=self.spec.arch)
-        if source.spec.ways != self.spec.ways or source.spec.hidden != self.spec.hidden:
+        other_ways = source.spec.ways != self.spec.ways
+        if source.spec.hidden != self.spec.hidden or (other_ways and self.cfg.head_init != "proto"):
             raise ValueError(f"--init_from {path}: {source.spec.ways} ways / {source.spec.hidden} filters, expected "
-                             f"{self.spec.ways} / {self.spec.hidden} for {self.cfg.name}")
+                             f"{self.spec.ways} / {self.spec.hidden} for {self.cfg.name} (other ways only with "
+                             "--head_init proto)")
         with torch.no_grad():
             for k, v in source.params.items():
-                self.learner.params[k].copy_(v)
+                if not (other_ways and k in HEAD_KEYS):
+                    self.learner.params[k].copy_(v)
         if self.learner.step_bn is not None:  # its per-step batch-norm weights, or its one gamma / beta for every step
             if source.step_bn is not None:
                 self.learner.set_step_bn(source.step_bn)

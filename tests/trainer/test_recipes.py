@@ -229,6 +229,24 @@ def test_init_from_starts_at_another_checkpoints_parameters(tmp_path):
         Trainer(_omniglot_cfg(tmp_path / "y", "anil", hidden=8, init_from=str(tmp_path / "x" / "run" / "last.pt")))
 
 
+def test_a_proto_head_run_starts_from_a_checkpoint_of_fewer_ways(tmp_path):
+    """Higher-way training: an 8-way Proto-ANIL run from a 5-way model copies the body (the head, never read with a
+    prototype head, keeps its fresh [8, F] initialization) and trains; a meta-learned head (anil) refuses."""
+    donor = Trainer(_omniglot_cfg(tmp_path / "donor", "proto-anil", iterations=2, hidden=8, meta_batch=2)).train()
+    path = str(tmp_path / "donor" / "run" / "last.pt")
+    t = Trainer(_omniglot_cfg(tmp_path / "wide", "proto-anil", ways=8, iterations=2, hidden=8, meta_batch=2,
+                              init_from=path, final_eval=False))
+    for k, v in donor.learner.params.items():
+        if k in HEAD_KEYS:
+            assert t.learner.params[k].shape[0] == 8 and v.shape[0] == 5, k
+        else:
+            assert torch.equal(v, t.learner.params[k]), k
+    t.train()
+    assert t.iteration == 2 and t.provenance()["init_from"]["name"] == donor.spec.name
+    with pytest.raises(ValueError, match="5 ways / 8 filters, expected 8 / 8 .*other ways only with --head_init proto"):
+        Trainer(_omniglot_cfg(tmp_path / "meta", "anil", ways=8, hidden=8, meta_batch=2, init_from=path))
+
+
 def test_ab_gives_every_arm_the_same_cpu_time_and_writes_its_report(tmp_path):
     from trainer.ab import main
 
