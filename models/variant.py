@@ -56,9 +56,10 @@ def variant(model: MetaModel, source: str, name: str, steps: int | None = None, 
         if spec.head_init != "proto":
             raise ValueError(f"ways {ways} with head_init {spec.head_init!r}: expected head_init 'proto' (only a "
                              "head started at the support prototypes leaves the meta-learned head's rows unused)")
-        tensors["params"] = {k: v[:ways].clone() if k in HEAD_KEYS else v for k, v in model.params.items()}
-        if model.inner_lrs is not None:  # Meta-SGD: per-element rates have the head's shape
-            tensors["inner_lrs"] = {k: v[:ways].clone() if k in HEAD_KEYS else v for k, v in model.inner_lrs.items()}
+        # the head's first rows, cloned (a saved view would carry the whole storage); Meta-SGD's per-element rates
+        # have the head's shape too
+        tensors = {field: {k: v[:ways].clone() if k in HEAD_KEYS else v for k, v in getattr(model, field).items()}
+                   for field in ("params", "inner_lrs") if getattr(model, field) is not None}
     provenance = dict(model.provenance)
     provenance["variant_of"] = {"path": source, "name": old.name, "steps": old.steps, "inner_lr": old.inner_lr,
                                 "bn_policy": old.bn_policy, "head_init": old.head_init, "ways": old.ways,
