@@ -15,7 +15,7 @@ from trainer.evaluate import evaluate, results_markdown
 from trainer.plots import plot_steps, plot_training
 from trainer.rl.config import RL_CONFIGS
 from trainer.stop import stop_on_signals
-from trainer.train import Trainer
+from trainer.train import Trainer, leave_process_group
 
 
 def adapt_keys_of(model) -> tuple[str, ...] | None:
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     where = f"at the next log point (iteration multiple of {cfg.log_every}), then saving and evaluating"
     with stop_on_signals(trainer, where, enabled=trainer.world == 1):
         trainer.train()
+    leave_process_group()  # rank 0 evaluates and bundles alone below
     if trainer.rank != 0:
         return 0
     if cfg.final_eval:

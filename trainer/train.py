@@ -95,6 +95,17 @@ def _dist_info() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def leave_process_group() -> None:
+    """All ranks meet, then tear the group down while the interpreter is whole.
+
+    A rank that tears gloo down while its peer is still busy, or that leaves it to interpreter finalization, can
+    make a rank abort with SIGABRT ("terminate called without an active exception") after its work is done.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank_slice(batch, rank: int, world: int):
     """This rank's share of a full meta-batch (support_x, support_y, query_x, query_y)."""
     t = batch[0].shape[0]

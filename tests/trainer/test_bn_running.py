@@ -214,6 +214,7 @@ def _rank_worker(rank, world, port, out_path):
 
     import torch.distributed as dist
 
+    from tests.trainer.test_meta import leave_gloo_worker
     from trainer.train import rank_slice
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -224,8 +225,7 @@ def _rank_worker(rank, world, port, out_path):
     m.step(rank_slice(random_batch(cfg, 4), rank, world), world, 0)
     if rank == 0:
         torch.save({k: v.clone() for k, v in m.bn_running.items()} | {"updates": torch.tensor(m.bn_updates)}, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_gloo_worker()
 
 
 @pytest.mark.slow  # two torch.distributed processes
