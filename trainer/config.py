@@ -33,6 +33,10 @@ class TrainConfig:
     split: str = "background"  # paper | background (Omniglot)
     val_classes: int = 100  # classes of the meta-train split held out for validation
     rotate: bool = True  # cbfinn: each class in a task gets a random multiple of 90 degrees (meta-train only)
+    # Hard tasks in meta-training (Omniglot): this share of each meta-batch draws all N classes from one alphabet of
+    # the train split (alphabets with fewer than N characters are skipped), the rest are random tasks; 0 = random only.
+    # Meta-test and validation are unchanged (random tasks; `python -m trainer.evaluate --within-alphabet` for hard).
+    train_within_alphabet: float = 0.0
     seed: int = 0
     device: str = "auto"
     cuda_graph: bool = True  # capture the whole meta-iteration (inner loop, meta-gradient, Adam) in one CUDA graph
@@ -252,6 +256,12 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argpar
     if cfg.per_step_bn and cfg.adapt_params not in ("no-bn", "head"):
         parser.error(f"--per_step_bn true with --adapt_params {cfg.adapt_params!r}: the inner loop would adapt the "
                      "batch-norm weights that are meta-learned per step; expected --adapt_params no-bn (or head)")
+    if not 0.0 <= cfg.train_within_alphabet <= 1.0:
+        parser.error(f"--train_within_alphabet {cfg.train_within_alphabet}: the share of each meta-batch drawn within "
+                     "one alphabet, expected a number in [0, 1]")
+    if cfg.train_within_alphabet > 0 and cfg.dataset != "omniglot":
+        parser.error(f"--train_within_alphabet {cfg.train_within_alphabet} on {cfg.dataset}: alphabets are "
+                     "Omniglot's, expected 0")
     if cfg.algorithm == "metasgd" and dataclasses.replace(cfg, bn_running=False).uses_recipe:
         parser.error("--algorithm metasgd learns its own per-element rates; combine recipes with maml or fomaml")
     return cfg, args

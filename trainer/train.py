@@ -51,13 +51,17 @@ def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
                  "val": lambda: SinusoidSampler(cfg.shots, cfg.eval_queries, seed=VAL_SEED, device=device),
                  "test": lambda: SinusoidSampler(cfg.shots, cfg.eval_queries, seed=TEST_SEED, device=device)},
                 {"dataset": "sinusoid"})
+    within: dict = {}  # --train_within_alphabet: the train sampler's alphabet labels and share of hard tasks
     if cfg.dataset == "omniglot":
-        from trainer.data.omniglot import load_omniglot, omniglot_split, split_info
+        from trainer.data.omniglot import load_omniglot, omniglot_split, omniglot_split_alphabets, split_info
         from trainer.data.sampler import omniglot_sampler as make
 
         data = load_omniglot(cfg.data_root or None)
         splits = omniglot_split(data, cfg.split, seed=0, val_classes=cfg.val_classes)
         info = split_info(data, cfg.split, 0, cfg.val_classes)
+        if cfg.train_within_alphabet > 0:
+            within = {"alphabets": omniglot_split_alphabets(data, cfg.split, 0, cfg.val_classes)["train"],
+                      "within_alphabet": True, "within_fraction": cfg.train_within_alphabet}
     elif cfg.dataset == "miniimagenet":
         from trainer.data.miniimagenet import load_miniimagenet
         from trainer.data.miniimagenet import miniimagenet_sampler as make
@@ -69,7 +73,7 @@ def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
         raise ValueError(f"dataset {cfg.dataset!r}, expected omniglot, miniimagenet or sinusoid")
     samplers = {
         "train": make(splits["train"], cfg.ways, cfg.shots, cfg.queries, rotate=cfg.rotate, seed=cfg.seed,
-                      device=device),
+                      device=device, **within),
         "val": (lambda: make(splits["val"], cfg.ways, cfg.shots, cfg.eval_queries, seed=VAL_SEED, device=device))
         if len(splits["val"]) >= cfg.ways else None,
         "test": lambda: make(splits["test"], cfg.ways, cfg.shots, cfg.eval_queries, seed=TEST_SEED, device=device),

@@ -119,3 +119,53 @@ def test_real_images_evaluation_alphabets(omniglot_root):
     paper = omniglot_split_alphabets(data, "paper")["test"]
     with pytest.raises(ValueError, match=r"no alphabet has ways=20 characters.*has 18 \(of 50 alphabets, 423"):
         omniglot_sampler(omniglot_split(data, "paper")["test"], 20, 1, 1, alphabets=paper, within_alphabet=True)
+
+
+def test_a_mixed_batch_puts_its_within_alphabet_share_first_and_random_tasks_after():
+    """within_fraction 0.25 of 16 tasks: the first 4 from one alphabet each (batch.alphabet names it), the other 12
+    random (alphabet -1) and, over a few hundred of them, spanning several alphabets as random tasks do."""
+    images = tagged()
+    sampler = TaskSampler(images, ways=3, shots=1, queries=1, seed=3, alphabets=LABELS, within_alphabet=True,
+                          within_fraction=0.25)
+    spans = []
+    for _ in range(20):
+        batch = sampler.sample(16)
+        assert batch.alphabet.tolist()[4:] == [-1] * 12 and (batch.alphabet[:4] >= 0).all()
+        for t in range(16):
+            classes = batch.classes[t].tolist()
+            alphabets = {LABELS[c] for c in classes}
+            assert len(set(classes)) == 3
+            if t < 4:
+                assert alphabets == {sampler.alphabet_names[batch.alphabet[t]]}
+            else:
+                spans.append(len(alphabets))
+            tags = batch.support_x[t, :, 0, 0, 0].mul(255).round().long()
+            assert torch.equal(tags, batch.classes[t])  # the pixels are the recorded classes'
+    # 16 classes in 4 alphabets: a random 3-way task is drawn from one alphabet with probability 0.09
+    assert sum(s > 1 for s in spans) / len(spans) > 0.75
+    assert "for 0.25 of each batch" in repr(sampler)
+    # a share that rounds to no task leaves a batch random; a share of 1 is the plain within-alphabet sampler
+    assert (TaskSampler(images, 3, 1, 1, alphabets=LABELS, within_alphabet=True, within_fraction=0.1)
+            .sample(4).alphabet == -1).all()
+    full = TaskSampler(images, 3, 1, 1, seed=9, alphabets=LABELS, within_alphabet=True, within_fraction=1.0)
+    plain = TaskSampler(images, 3, 1, 1, seed=9, alphabets=LABELS, within_alphabet=True)
+    a, b = full.sample(8), plain.sample(8)
+    assert torch.equal(a.classes, b.classes) and torch.equal(a.support_x, b.support_x)
+
+
+def test_a_mixed_sampler_resumes_bit_for_bit():
+    make = lambda seed: TaskSampler(tagged(), 3, 1, 1, seed=seed, alphabets=LABELS, within_alphabet=True,  # noqa: E731
+                                    within_fraction=0.5)
+    first = make(4)
+    first.sample(6)
+    state, want = first.state_dict(), first.sample(6)
+    resumed = make(0)
+    resumed.load_state_dict(state)
+    got = resumed.sample(6)
+    assert torch.equal(got.classes, want.classes) and torch.equal(got.alphabet, want.alphabet)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5, True, "half"])
+def test_a_within_fraction_outside_0_1_is_refused(fraction):
+    with pytest.raises(ValueError, match=rf"within_fraction={fraction!r}, expected a number in \(0, 1\]"):
+        TaskSampler(tagged(), 3, 1, 1, alphabets=LABELS, within_alphabet=True, within_fraction=fraction)

@@ -272,3 +272,31 @@ def test_proto_anil_preset_and_a_proto_head_without_it_is_refused(capsys):
         with pytest.raises(SystemExit) as exc:
             config_from_args(["omniglot-5w1s", *argv])
         assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_train_within_alphabet_draws_that_share_of_each_meta_batch_from_one_background_alphabet(tmp_path, capsys):
+    from trainer.data.omniglot import load_omniglot, omniglot_split_alphabets
+
+    cfg = _omniglot_cfg(tmp_path, "proto-anil", train_within_alphabet=0.5, iterations=4, hidden=8, meta_batch=8,
+                        log_every=2, val_every=2, checkpoint_every=2, eval_tasks=20)
+    trainer = Trainer(cfg)
+    train = omniglot_split_alphabets(load_omniglot(cfg.data_root or None), "background", 0, 20)["train"]
+    sampler = trainer.samplers["train"]
+    assert sampler.within_fraction == 0.5 and set(sampler.alphabet_names) <= set(train)
+    batch = sampler.sample(cfg.meta_batch)
+    assert batch.alphabet.tolist()[4:] == [-1] * 4
+    for t in range(4):  # the hard half: five characters of one alphabet of the train split
+        assert {train[c] for c in batch.classes[t].tolist()} == {sampler.alphabet_names[batch.alphabet[t]]}
+    trainer.train()
+    final_evaluation(trainer)
+    model = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert model.provenance["config"]["train_within_alphabet"] == 0.5
+    # validation and meta-test stay random tasks
+    assert trainer.samplers["test"]().within_alphabet is False
+    for value, needle in (("1.5", "--train_within_alphabet 1.5: the share"), ("-1", "expected a number in [0, 1]")):
+        with pytest.raises(SystemExit) as exc:
+            config_from_args(["omniglot-20w1s", "--train_within_alphabet", value])
+        assert exc.value.code == 2 and needle in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        config_from_args(["sinusoid", "--train_within_alphabet", "0.5"])
+    assert "alphabets are Omniglot's" in capsys.readouterr().err

@@ -11,7 +11,9 @@ device. There is no Python loop per task or per image. The generator state is th
 `within_alphabet=True` (with one alphabet label per class) draws all N classes of a task from one alphabet: per task
 one alphabet uniformly among those with at least N classes (`alphabet_groups`; the others are skipped and listed in
 `skipped_alphabets`), then N of its classes without replacement. Harder than random tasks: what a user adapting to
-one new script faces.
+one new script faces. `within_fraction` f < 1 mixes the two kinds in every batch (meta-training on hard tasks beside
+random ones): the first round(f * T) tasks of a batch are within-alphabet, the others random (`batch.alphabet` is -1
+for those).
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ class TaskSampler(GeneratorState):
     preprocess: uint8 tensor -> float tensor on the device (default x/255).
     alphabets / within_alphabet: one alphabet label per class; with within_alphabet=True every task's classes come
     from one alphabet (see `alphabet_groups`): `alphabet_names`, `skipped_alphabets` and `batch.alphabet` say which.
+    within_fraction: with within_alphabet=True, the share of each batch's tasks drawn within one alphabet (the first
+    round(within_fraction * T)); the rest are random tasks. 1.0 (default): all of them.
     """
 
     def __init__(
@@ -169,6 +173,7 @@ class TaskSampler(GeneratorState):
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
         alphabets: Sequence[str] | None = None,
         within_alphabet: bool = False,
+        within_fraction: float = 1.0,
     ):
         super().__init__(seed, device)
         data = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
@@ -210,6 +215,10 @@ class TaskSampler(GeneratorState):
         self._support_y = torch.arange(n, device=self.device).repeat_interleave(k)
         self._query_y = torch.arange(n, device=self.device).repeat_interleave(q)
         self.within_alphabet = bool(within_alphabet)
+        if (isinstance(within_fraction, bool) or not isinstance(within_fraction, int | float | np.floating)
+                or not 0.0 < within_fraction <= 1.0):
+            raise ValueError(f"within_fraction={within_fraction!r}, expected a number in (0, 1]")
+        self.within_fraction = float(within_fraction)
         self.groups: AlphabetGroups | None = None
         if alphabets is not None and len(alphabets) != n_classes:
             raise ValueError(f"{len(alphabets)} alphabet labels for {n_classes} classes, expected one per class")
@@ -251,14 +260,22 @@ class TaskSampler(GeneratorState):
         tasks = check_count("tasks", tasks, 1)
         n, k, q = self.ways, self.shots, self.queries
         alphabet = None
-        if self.within_alphabet:  # one alphabet per task, then N of its classes (padding sorts last: noise 2 > 1)
-            alphabet = torch.randint(0, len(self._sizes), (tasks,), generator=self.generator, device=self.device)
-            noise = torch.rand((tasks, self._members.shape[1]), generator=self.generator, device=self.device)
+        within = round(self.within_fraction * tasks) if self.within_alphabet else 0
+        if within:  # one alphabet per task, then N of its classes (padding sorts last: noise 2 > 1)
+            alphabet = torch.randint(0, len(self._sizes), (within,), generator=self.generator, device=self.device)
+            noise = torch.rand((within, self._members.shape[1]), generator=self.generator, device=self.device)
             padding = torch.arange(self._members.shape[1], device=self.device) >= self._sizes[alphabet][:, None]
             chosen = noise.masked_fill_(padding, 2.0).argsort(dim=-1)[:, :n]
-            classes = self._members[alphabet].gather(1, chosen)  # [T, N]
-        else:
-            classes = self._draw_without_replacement((tasks, self.n_classes), n)  # [T, N]
+            classes = self._members[alphabet].gather(1, chosen)  # [within, N]
+        if within < tasks:
+            drawn = self._draw_without_replacement((tasks - within, self.n_classes), n)  # [T - within, N]
+            if within:  # a mixed batch: within-alphabet tasks first, random ones (alphabet -1) after
+                classes = torch.cat([classes, drawn])
+                alphabet = torch.cat([alphabet, alphabet.new_full((tasks - within,), -1)])
+            else:
+                classes = drawn
+                if self.within_alphabet:  # a share that rounds to no task of this batch
+                    alphabet = torch.full((tasks,), -1, dtype=torch.int64, device=self.device)
         examples = self._draw_without_replacement((tasks, n, self.n_per_class), k + q)  # [T, N, K+Q]
         if self.rotate:
             rotations = torch.randint(0, 4, (tasks, n), generator=self.generator, device=self.device)
@@ -283,16 +300,19 @@ class TaskSampler(GeneratorState):
         return (
             f"TaskSampler({self.n_classes} classes x {self.n_per_class}, {list(self.example_shape)}, ways={self.ways}, "
             f"shots={self.shots}, queries={self.queries}, rotate={self.rotate}, seed={self.seed}, device={self.device}"
-            + (f", within {len(self.alphabet_names)} alphabets" if self.within_alphabet else "") + ")"
+            + (f", within {len(self.alphabet_names)} alphabets" if self.within_alphabet else "")
+            + (f" for {self.within_fraction:g} of each batch" if self.within_alphabet and self.within_fraction < 1
+               else "") + ")"
         )
 
 
 def omniglot_sampler(split_images, ways: int, shots: int, queries: int, rotate: bool = False, seed: int = 0,
                      device: str | torch.device = "cpu", alphabets: Sequence[str] | None = None,
-                     within_alphabet: bool = False) -> TaskSampler:
+                     within_alphabet: bool = False, within_fraction: float = 1.0) -> TaskSampler:
     """A sampler over one Omniglot split (uint8 [n, 20, 28, 28]) with the Omniglot preprocessing 1 - x/255.
 
     alphabets: the alphabet of each class of the split (`omniglot_split_alphabets`), for within_alphabet=True."""
     return TaskSampler(split_images, ways, shots, queries, rotate=rotate, seed=seed, device=device,
-                       preprocess=invert_uint8, alphabets=alphabets, within_alphabet=within_alphabet)
+                       preprocess=invert_uint8, alphabets=alphabets, within_alphabet=within_alphabet,
+                       within_fraction=within_fraction)
 
