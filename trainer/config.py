@@ -37,6 +37,9 @@ class TrainConfig:
     # the train split (alphabets with fewer than N characters are skipped), the rest are random tasks; 0 = random only.
     # Meta-test and validation are unchanged (random tasks; `python -m trainer.evaluate --within-alphabet` for hard).
     train_within_alphabet: float = 0.0
+    # Each of a character's four rotations a class of its own in meta-training (Vinyals et al. 2016, Snell et al. 2017:
+    # 4x the classes, and a task may hold a character beside its rotation); needs rotate, random tasks only.
+    rotation_classes: bool = False
     seed: int = 0
     device: str = "auto"
     cuda_graph: bool = True  # capture the whole meta-iteration (inner loop, meta-gradient, Adam) in one CUDA graph
@@ -262,6 +265,10 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argpar
     if cfg.train_within_alphabet > 0 and cfg.dataset != "omniglot":
         parser.error(f"--train_within_alphabet {cfg.train_within_alphabet} on {cfg.dataset}: alphabets are "
                      "Omniglot's, expected 0")
+    if cfg.rotation_classes and (not cfg.rotate or cfg.train_within_alphabet > 0 or cfg.dataset != "omniglot"):
+        parser.error(f"--rotation_classes true with --rotate {cfg.rotate}, --train_within_alphabet "
+                     f"{cfg.train_within_alphabet} on {cfg.dataset}: expected --rotate true, random tasks "
+                     "(--train_within_alphabet 0) on omniglot")
     if cfg.algorithm == "metasgd" and dataclasses.replace(cfg, bn_running=False).uses_recipe:
         parser.error("--algorithm metasgd learns its own per-element rates; combine recipes with maml or fomaml")
     return cfg, args

@@ -51,7 +51,7 @@ def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
                  "val": lambda: SinusoidSampler(cfg.shots, cfg.eval_queries, seed=VAL_SEED, device=device),
                  "test": lambda: SinusoidSampler(cfg.shots, cfg.eval_queries, seed=TEST_SEED, device=device)},
                 {"dataset": "sinusoid"})
-    within: dict = {}  # --train_within_alphabet: the train sampler's alphabet labels and share of hard tasks
+    task_kind: dict = {}  # the train sampler's task kind: --train_within_alphabet (labels, share), --rotation_classes
     if cfg.dataset == "omniglot":
         from trainer.data.omniglot import load_omniglot, omniglot_split, omniglot_split_alphabets, split_info
         from trainer.data.sampler import omniglot_sampler as make
@@ -59,8 +59,10 @@ def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
         data = load_omniglot(cfg.data_root or None)
         splits = omniglot_split(data, cfg.split, seed=0, val_classes=cfg.val_classes)
         info = split_info(data, cfg.split, 0, cfg.val_classes)
+        if cfg.rotation_classes:
+            task_kind = {"rotation_classes": True}
         if cfg.train_within_alphabet > 0:
-            within = {"alphabets": omniglot_split_alphabets(data, cfg.split, 0, cfg.val_classes)["train"],
+            task_kind = {"alphabets": omniglot_split_alphabets(data, cfg.split, 0, cfg.val_classes)["train"],
                       "within_alphabet": True, "within_fraction": cfg.train_within_alphabet}
     elif cfg.dataset == "miniimagenet":
         from trainer.data.miniimagenet import load_miniimagenet
@@ -73,7 +75,7 @@ def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
         raise ValueError(f"dataset {cfg.dataset!r}, expected omniglot, miniimagenet or sinusoid")
     samplers = {
         "train": make(splits["train"], cfg.ways, cfg.shots, cfg.queries, rotate=cfg.rotate, seed=cfg.seed,
-                      device=device, **within),
+                      device=device, **task_kind),
         "val": (lambda: make(splits["val"], cfg.ways, cfg.shots, cfg.eval_queries, seed=VAL_SEED, device=device))
         if len(splits["val"]) >= cfg.ways else None,
         "test": lambda: make(splits["test"], cfg.ways, cfg.shots, cfg.eval_queries, seed=TEST_SEED, device=device),

@@ -191,3 +191,26 @@ def test_tasks_must_be_positive():
     sampler = TaskSampler(tagged_images(), 5, 1, 1)
     with pytest.raises(ValueError, match="tasks=0, expected an integer >= 1"):
         sampler.sample(0)
+
+
+def test_rotation_classes_draw_distinct_character_rotation_pairs():
+    """rotation_classes: a task's N classes are distinct (character, rotation) pairs of the 4 x 12, so a character
+    may appear beside its own rotation as another class; the pixels are that character rotated so."""
+    images = tagged_images()
+    sampler = TaskSampler(images, ways=10, shots=1, queries=1, rotate=True, rotation_classes=True, seed=2)
+    batch = sampler.sample(200)
+    pairs = batch.rotations * N_CLASSES + batch.classes
+    assert all(len(set(row.tolist())) == 10 for row in pairs)  # distinct pairs
+    # 10 of 12 characters without replacement could never repeat one; of 48 pairs, nearly every task does
+    assert sum(len(set(row.tolist())) < 10 for row in batch.classes) > 150
+    assert len(set(pairs.flatten().tolist())) == 4 * N_CLASSES
+    src = source_examples(images, batch, "support").float() / 255
+    for t in range(5):
+        for i in range(10):
+            assert torch.equal(batch.support_x[t, i], torch.rot90(src[t, i], int(batch.rotations[t, i]), dims=(-2, -1)))
+    assert "rotations as classes" in repr(sampler)
+    # 40-way tasks from 12 characters: only as pairs
+    wide = TaskSampler(images, ways=40, shots=1, queries=1, rotate=True, rotation_classes=True)
+    assert wide.sample(2).classes.shape == (2, 40)
+    with pytest.raises(ValueError, match="rotation_classes=True with rotate=False"):
+        TaskSampler(images, ways=4, shots=1, queries=1, rotation_classes=True)

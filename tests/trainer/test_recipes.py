@@ -300,3 +300,23 @@ def test_train_within_alphabet_draws_that_share_of_each_meta_batch_from_one_back
     with pytest.raises(SystemExit):
         config_from_args(["sinusoid", "--train_within_alphabet", "0.5"])
     assert "alphabets are Omniglot's" in capsys.readouterr().err
+
+
+def test_rotation_classes_train_on_character_rotation_pairs_and_bad_combinations_are_refused(tmp_path, capsys):
+    cfg = _omniglot_cfg(tmp_path, "proto-anil", rotation_classes=True, iterations=2, hidden=8, meta_batch=8,
+                        log_every=2, val_every=2, checkpoint_every=2, final_eval=False)
+    trainer = Trainer(cfg)
+    sampler = trainer.samplers["train"]
+    assert sampler.rotation_classes and not trainer.samplers["test"]().rotation_classes
+    batch = sampler.sample(1000)
+    # 5 of 4 x 944 pairs: a task holds one character twice (as two rotations) with probability ~0.008, so ~8 of
+    # 1,000 tasks do, where random tasks of characters never can
+    assert any(len(set(row.tolist())) < 5 for row in batch.classes)
+    assert all(len(set(row.tolist())) == 5 for row in batch.rotations * sampler.n_classes + batch.classes)
+    trainer.train()
+    assert trainer.provenance()["config"]["rotation_classes"] is True
+    for argv in (["--rotation_classes", "true", "--rotate", "false"],
+                 ["--rotation_classes", "true", "--train_within_alphabet", "0.5"]):
+        with pytest.raises(SystemExit) as exc:
+            config_from_args(["omniglot-20w1s", *argv])
+        assert exc.value.code == 2 and "expected --rotate true, random tasks" in capsys.readouterr().err

@@ -14,6 +14,10 @@ one alphabet uniformly among those with at least N classes (`alphabet_groups`; t
 one new script faces. `within_fraction` f < 1 mixes the two kinds in every batch (meta-training on hard tasks beside
 random ones): the first round(f * T) tasks of a batch are within-alphabet, the others random (`batch.alphabet` is -1
 for those).
+
+`rotation_classes=True` (with rotate) makes each of a character's four rotations a class of its own, as Vinyals et al.
+2016 and Snell et al. 2017 train on Omniglot: a task's N classes come from 4 x n_classes, so one task may hold a
+character and its rotation as two classes (random tasks only).
 """
 
 from __future__ import annotations
@@ -159,6 +163,7 @@ class TaskSampler(GeneratorState):
     from one alphabet (see `alphabet_groups`): `alphabet_names`, `skipped_alphabets` and `batch.alphabet` say which.
     within_fraction: with within_alphabet=True, the share of each batch's tasks drawn within one alphabet (the first
     round(within_fraction * T)); the rest are random tasks. 1.0 (default): all of them.
+    rotation_classes: with rotate=True, draw each task's classes from the 4 x n_classes (character, rotation) pairs.
     """
 
     def __init__(
@@ -174,6 +179,7 @@ class TaskSampler(GeneratorState):
         alphabets: Sequence[str] | None = None,
         within_alphabet: bool = False,
         within_fraction: float = 1.0,
+        rotation_classes: bool = False,
     ):
         super().__init__(seed, device)
         data = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
@@ -189,8 +195,9 @@ class TaskSampler(GeneratorState):
         self.shots = check_count("shots", shots, 1)
         self.queries = check_count("queries", queries, 0)
         n_classes, n_per_class = data.shape[:2]
-        if self.ways > n_classes:
-            raise ValueError(f"ways={ways} but the images hold only {n_classes} classes")
+        if self.ways > n_classes * (4 if rotation_classes and rotate else 1):
+            raise ValueError(f"ways={ways} but the images hold only {n_classes} classes"
+                             + (" (x 4 rotations)" if rotation_classes and rotate else ""))
         if self.shots + self.queries > n_per_class:
             raise ValueError(
                 f"shots + queries = {shots} + {queries} = {shots + queries} examples per class, "
@@ -219,6 +226,11 @@ class TaskSampler(GeneratorState):
                 or not 0.0 < within_fraction <= 1.0):
             raise ValueError(f"within_fraction={within_fraction!r}, expected a number in (0, 1]")
         self.within_fraction = float(within_fraction)
+        self.rotation_classes = bool(rotation_classes)
+        if self.rotation_classes and (not self.rotate or self.within_alphabet):
+            raise ValueError(f"rotation_classes=True with rotate={self.rotate}, "
+                             f"within_alphabet={self.within_alphabet}: expected rotate=True and random tasks "
+                             "(within_alphabet=False)")
         self.groups: AlphabetGroups | None = None
         if alphabets is not None and len(alphabets) != n_classes:
             raise ValueError(f"{len(alphabets)} alphabet labels for {n_classes} classes, expected one per class")
@@ -267,7 +279,7 @@ class TaskSampler(GeneratorState):
             padding = torch.arange(self._members.shape[1], device=self.device) >= self._sizes[alphabet][:, None]
             chosen = noise.masked_fill_(padding, 2.0).argsort(dim=-1)[:, :n]
             classes = self._members[alphabet].gather(1, chosen)  # [within, N]
-        if within < tasks:
+        if within < tasks and not self.rotation_classes:
             drawn = self._draw_without_replacement((tasks - within, self.n_classes), n)  # [T - within, N]
             if within:  # a mixed batch: within-alphabet tasks first, random ones (alphabet -1) after
                 classes = torch.cat([classes, drawn])
@@ -276,8 +288,13 @@ class TaskSampler(GeneratorState):
                 classes = drawn
                 if self.within_alphabet:  # a share that rounds to no task of this batch
                     alphabet = torch.full((tasks,), -1, dtype=torch.int64, device=self.device)
+        if self.rotation_classes:  # (rotation, character) pairs as classes: the pair index is r * n_classes + c
+            pairs = self._draw_without_replacement((tasks, 4 * self.n_classes), n)  # [T, N]
+            rotations, classes = pairs // self.n_classes, pairs % self.n_classes
         examples = self._draw_without_replacement((tasks, n, self.n_per_class), k + q)  # [T, N, K+Q]
-        if self.rotate:
+        if self.rotation_classes:
+            pass  # drawn with the classes
+        elif self.rotate:
             rotations = torch.randint(0, 4, (tasks, n), generator=self.generator, device=self.device)
         else:
             rotations = torch.zeros(tasks, n, dtype=torch.int64, device=self.device)
@@ -302,17 +319,18 @@ class TaskSampler(GeneratorState):
             f"shots={self.shots}, queries={self.queries}, rotate={self.rotate}, seed={self.seed}, device={self.device}"
             + (f", within {len(self.alphabet_names)} alphabets" if self.within_alphabet else "")
             + (f" for {self.within_fraction:g} of each batch" if self.within_alphabet and self.within_fraction < 1
-               else "") + ")"
+               else "") + (", rotations as classes" if self.rotation_classes else "") + ")"
         )
 
 
 def omniglot_sampler(split_images, ways: int, shots: int, queries: int, rotate: bool = False, seed: int = 0,
                      device: str | torch.device = "cpu", alphabets: Sequence[str] | None = None,
-                     within_alphabet: bool = False, within_fraction: float = 1.0) -> TaskSampler:
+                     within_alphabet: bool = False, within_fraction: float = 1.0,
+                     rotation_classes: bool = False) -> TaskSampler:
     """A sampler over one Omniglot split (uint8 [n, 20, 28, 28]) with the Omniglot preprocessing 1 - x/255.
 
     alphabets: the alphabet of each class of the split (`omniglot_split_alphabets`), for within_alphabet=True."""
     return TaskSampler(split_images, ways, shots, queries, rotate=rotate, seed=seed, device=device,
                        preprocess=invert_uint8, alphabets=alphabets, within_alphabet=within_alphabet,
-                       within_fraction=within_fraction)
+                       within_fraction=within_fraction, rotation_classes=rotation_classes)
 
