@@ -271,33 +271,30 @@ class TaskSampler(GeneratorState):
     def sample(self, tasks: int) -> TaskBatch:
         tasks = check_count("tasks", tasks, 1)
         n, k, q = self.ways, self.shots, self.queries
-        alphabet = None
-        within = round(self.within_fraction * tasks) if self.within_alphabet else 0
-        if within:  # one alphabet per task, then N of its classes (padding sorts last: noise 2 > 1)
-            alphabet = torch.randint(0, len(self._sizes), (within,), generator=self.generator, device=self.device)
-            noise = torch.rand((within, self._members.shape[1]), generator=self.generator, device=self.device)
-            padding = torch.arange(self._members.shape[1], device=self.device) >= self._sizes[alphabet][:, None]
-            chosen = noise.masked_fill_(padding, 2.0).argsort(dim=-1)[:, :n]
-            classes = self._members[alphabet].gather(1, chosen)  # [within, N]
-        if within < tasks and not self.rotation_classes:
-            drawn = self._draw_without_replacement((tasks - within, self.n_classes), n)  # [T - within, N]
-            if within:  # a mixed batch: within-alphabet tasks first, random ones (alphabet -1) after
-                classes = torch.cat([classes, drawn])
-                alphabet = torch.cat([alphabet, alphabet.new_full((tasks - within,), -1)])
-            else:
-                classes = drawn
-                if self.within_alphabet:  # a share that rounds to no task of this batch
-                    alphabet = torch.full((tasks,), -1, dtype=torch.int64, device=self.device)
+        alphabet = rotations = None
         if self.rotation_classes:  # (rotation, character) pairs as classes: the pair index is r * n_classes + c
             pairs = self._draw_without_replacement((tasks, 4 * self.n_classes), n)  # [T, N]
             rotations, classes = pairs // self.n_classes, pairs % self.n_classes
-        examples = self._draw_without_replacement((tasks, n, self.n_per_class), k + q)  # [T, N, K+Q]
-        if self.rotation_classes:
-            pass  # drawn with the classes
-        elif self.rotate:
-            rotations = torch.randint(0, 4, (tasks, n), generator=self.generator, device=self.device)
         else:
-            rotations = torch.zeros(tasks, n, dtype=torch.int64, device=self.device)
+            within = round(self.within_fraction * tasks) if self.within_alphabet else 0
+            drawn = []
+            if within:  # one alphabet per task, then N of its classes (padding sorts last: noise 2 > 1)
+                picked = torch.randint(0, len(self._sizes), (within,), generator=self.generator, device=self.device)
+                noise = torch.rand((within, self._members.shape[1]), generator=self.generator, device=self.device)
+                padding = torch.arange(self._members.shape[1], device=self.device) >= self._sizes[picked][:, None]
+                chosen = noise.masked_fill_(padding, 2.0).argsort(dim=-1)[:, :n]
+                drawn.append(self._members[picked].gather(1, chosen))  # [within, N]
+            if within < tasks:  # random tasks after the within-alphabet ones
+                drawn.append(self._draw_without_replacement((tasks - within, self.n_classes), n))
+            classes = torch.cat(drawn) if len(drawn) > 1 else drawn[0]  # [T, N]
+            if self.within_alphabet:  # the task's alphabet; -1 for the random tasks of a mixed batch
+                alphabet = torch.full((tasks,), -1, dtype=torch.int64, device=self.device)
+                if within:
+                    alphabet[:within] = picked
+        examples = self._draw_without_replacement((tasks, n, self.n_per_class), k + q)  # [T, N, K+Q]
+        if rotations is None:  # (rotation classes draw theirs with the classes)
+            rotations = (torch.randint(0, 4, (tasks, n), generator=self.generator, device=self.device) if self.rotate
+                         else torch.zeros(tasks, n, dtype=torch.int64, device=self.device))
         rows = (rotations[..., None] * self.n_classes + classes[..., None]) * self.n_per_class + examples
         support_rows, query_rows = rows[:, :, :k].reshape(-1), rows[:, :, k:].reshape(-1)
         self.tasks_sampled += tasks
