@@ -47,9 +47,10 @@ def evaluate_policy(env, spec: PolicySpec, params: dict[str, torch.Tensor], task
     generator = torch.Generator().manual_seed(seed)
     goals = env.sample_tasks(tasks, generator)
     # Task-stacked from the start: every forward is the batched one the server runs (models.policy.policy_forward's
-    # stacked path, whose results do not depend on how many tasks a batch holds), so a served loop on the same
-    # noise (server.rl_demo) reproduces this one to the bit instead of drifting by rounding (the shared path's
-    # matmul rounds differently) until an episode's termination flips.
+    # stacked path), so a served loop on the same noise (server.rl_demo) reproduces this one instead of drifting by
+    # rounding (the shared path's matmul rounds differently) until an episode's termination flips. To the bit where
+    # the BLAS rounds a task alike in any batch (the Intel Xeon box); MKL on an AMD EPYC rounds some shapes by batch
+    # size and alignment (1 ulp), which half-cheetah's contacts amplify over 200 steps.
     fast = stack_policy({k: v.detach() for k, v in params.items()}, tasks)
     per_task = []
     for s in range(steps + 1):
