@@ -11,6 +11,13 @@ ADAPT_PARAMS = ("all", "head", "no-bn")  # the inner loop updates every paramete
 # head's logits before any step are a nearest-centroid classifier's, -|f - mu_c|^2 up to a per-query constant).
 HEAD_INITS = ("meta", "proto")
 ARCHITECTURES = ("conv4-omniglot", "conv4-miniimagenet", "mlp-omniglot", "mlp-sinusoid")
+# Support views (models.views): name -> the (dy, dx) pixel shifts of every view of a support image, itself first.
+SUPPORT_VIEWS: dict[str, tuple[tuple[int, int], ...]] = {
+    "none": ((0, 0),),
+    # the image and its shifts by 1 and 2 pixels down, up, right and left: 9 views
+    "cross2": ((0, 0), (1, 0), (-1, 0), (2, 0), (-2, 0), (0, 1), (0, -1), (0, 2), (0, -2)),
+}
+VIEW_ARCHS = ("conv4-omniglot", "conv4-miniimagenet")  # image inputs [C, H, W]
 
 # Inputs each architecture takes per example (C, H, W) or (features,).
 ARCH_INPUT_SHAPE = {
@@ -54,6 +61,9 @@ class ModelSpec:
     # How adapt starts the head (HEAD_INITS): meta (the checkpoint's head) or proto (the support prototypes; the
     # checkpoint's head tensors are then unused). Older checkpoints: meta.
     head_init: str = "meta"
+    # Which views of every support image adapt sees (models.views.SUPPORT_VIEWS): none, or cross2 (the image and its
+    # 1- and 2-pixel shifts). Image architectures only. Older checkpoints: none.
+    support_views: str = "none"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -71,6 +81,12 @@ class ModelSpec:
                              "adaptation; expected adapt_params 'head' on a classification architecture")
         if self.ways < 1:
             raise ValueError(f"model spec {self.name!r}: ways={self.ways}, expected >= 1")
+        if self.support_views not in SUPPORT_VIEWS:
+            raise ValueError(f"model spec {self.name!r}: support_views {self.support_views!r}, expected one of "
+                             f"{tuple(SUPPORT_VIEWS)}")
+        if self.support_views != "none" and self.arch not in VIEW_ARCHS:
+            raise ValueError(f"model spec {self.name!r}: support_views {self.support_views!r} with arch "
+                             f"{self.arch!r}: shifted views need image inputs, expected one of {VIEW_ARCHS}")
         if not self.input_shape:
             object.__setattr__(self, "input_shape", ARCH_INPUT_SHAPE[self.arch])
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
@@ -94,6 +110,11 @@ class ModelSpec:
         """Whether every forward normalizes with the checkpoint's per-step running statistics (`running`, the
         model's own policy or `policy`) on an architecture with batch norm: adapt and predict then need them."""
         return (policy or self.bn_policy) == "running" and self.has_batch_norm
+
+    @property
+    def views(self) -> int:
+        """Rows adapt sees per support row (1 without support views)."""
+        return len(SUPPORT_VIEWS[self.support_views])
 
     @property
     def preprocessing(self) -> str:

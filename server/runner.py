@@ -29,6 +29,7 @@ from models.checkpoint import MetaModel
 from models.functional import running_at
 from models.onnx_export import export_onnx
 from models.preprocess import preprocess_uint8
+from models.views import support_views
 from server.status import Internal, InvalidArgument, ResourceExhausted, Unavailable
 
 # Messages of CUDA errors after which the context is unusable: every later call fails too (retrying is pointless).
@@ -224,6 +225,8 @@ class BatchRunner:
             model = dataclasses.replace(model, params=first.start)
         support_x = self.to_model_input(model, [j.support_x for j in jobs])
         support_y = torch.from_numpy(np.stack([j.support_y for j in jobs])).to(self.device)
+        # the model's support views (models.views): every backend adapts on the extended set
+        support_x, support_y = support_views(model.spec.support_views, support_x, support_y)
         query_counts = {None if j.query_x is None else j.query_x.shape[0] for j in jobs}
         logits: dict[int, np.ndarray] = {}
         predict_s: dict[int, float] = {}

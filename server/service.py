@@ -87,8 +87,9 @@ class FastAdaptService(pb_grpc.FastAdaptServicer):
         model = self.registry.get(request.adapt.model, "adapt.model")
         query = validation.images(request, "query_x", "query_x", model, "Q", self.limits.max_queries)
         job = self._adapt_job(request.adapt, "adapt.", query=query, keep=not request.skip_cache)
-        validation.kernel_rows(model, self.runner.max_rows(model), **{"adapt.support_x": job.support_x.shape[0],
-                                                                       "query_x": query.shape[0]})
+        validation.kernel_rows(model, self.runner.max_rows(model),
+                               **validation.support_rows(model, "adapt.", job.support_x.shape[0]),
+                               query_x=query.shape[0])
         batched = await self.batcher.submit(job.key, job)
         adapted, timings = await self._adapt_response(job, batched, start)
         return pb.AdaptAndPredictResponse(adapt=adapted, predict=self._predict_response(batched.result.logits, timings))
@@ -128,9 +129,10 @@ class FastAdaptService(pb_grpc.FastAdaptServicer):
     def _adapt_job(self, request, path: str, query=None, keep: bool = True) -> AdaptJob:
         model = self.registry.get(request.model, f"{path}model")
         support_x, support_y = validation.support_set(request, path, model, self.limits)
-        steps = validation.steps(request, path, model, self.limits, support_x.shape[0])
+        steps = validation.steps(request, path, model, self.limits, support_x.shape[0] * model.spec.views)
         if query is None:
-            validation.kernel_rows(model, self.runner.max_rows(model), **{f"{path}support_x": support_x.shape[0]})
+            validation.kernel_rows(model, self.runner.max_rows(model),
+                                   **validation.support_rows(model, path, support_x.shape[0]))
         lr = validation.inner_lr(request, path, model)
         return AdaptJob(model, support_x, support_y, steps, lr, query, keep)
 
@@ -205,6 +207,7 @@ class FastAdaptService(pb_grpc.FastAdaptServicer):
                        or (model.provenance.get("config") or {}).get("algorithm") or "maml"),
             adapt_params=spec.adapt_params,
             head_init=spec.head_init,
+            support_views=spec.support_views,
             per_step_bn_steps=model.bn_steps or 0,
             max_support_steps=self.limits.max_support_steps,
         )

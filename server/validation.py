@@ -112,6 +112,12 @@ def support_set(request, path: str, model: MetaModel, limits: Limits) -> tuple[n
     return x, y
 
 
+def support_rows(model: MetaModel, path: str, rows: int) -> dict[str, int]:
+    """The support rows adapt forwards, for kernel_rows: N*K, times the model's support views (models.views)."""
+    views = model.spec.views
+    return {f"{path}support_x": rows} if views == 1 else {f"{path}support_x x {views} support views": rows * views}
+
+
 def kernel_rows(model: MetaModel, max_rows: int | None, **rows: int) -> None:
     """The engine's kernels take at most `max_rows` rows per task in one call (the CUDA grid limit; None: no
     limit): refuse a request over it here, naming the fields, instead of failing inside the engine."""

@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from models.spec import SUPPORT_VIEWS, VIEW_ARCHS
+
 
 @dataclass
 class TrainConfig:
@@ -40,6 +42,9 @@ class TrainConfig:
     # Each of a character's four rotations a class of its own in meta-training (Vinyals et al. 2016, Snell et al. 2017:
     # 4x the classes, and a task may hold a character beside its rotation); needs rotate, random tasks only.
     rotation_classes: bool = False
+    # Views of every support image the inner loop adapts on (models.views: none, cross2), in meta-training, validation
+    # and the meta-test; the checkpoint's spec carries them, so the server adapts the same way.
+    support_views: str = "none"
     seed: int = 0
     device: str = "auto"
     cuda_graph: bool = True  # capture the whole meta-iteration (inner loop, meta-gradient, Adam) in one CUDA graph
@@ -269,6 +274,11 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argpar
         parser.error(f"--rotation_classes true with --rotate {cfg.rotate}, --train_within_alphabet "
                      f"{cfg.train_within_alphabet} on {cfg.dataset}: expected --rotate true, random tasks "
                      "(--train_within_alphabet 0) on omniglot")
+    if cfg.support_views not in SUPPORT_VIEWS:
+        parser.error(f"--support_views {cfg.support_views!r}, expected one of {', '.join(SUPPORT_VIEWS)}")
+    if cfg.support_views != "none" and cfg.arch not in VIEW_ARCHS:
+        parser.error(f"--support_views {cfg.support_views} with arch {cfg.arch}: shifted views need image inputs, "
+                     f"expected one of {', '.join(VIEW_ARCHS)}")
     if cfg.algorithm == "metasgd" and dataclasses.replace(cfg, bn_running=False).uses_recipe:
         parser.error("--algorithm metasgd learns its own per-element rates; combine recipes with maml or fomaml")
     return cfg, args

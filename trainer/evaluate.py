@@ -31,7 +31,8 @@ import torch
 
 from models.functional import stack_params, step_row
 from models.maml import adapt, predict
-from models.spec import ModelSpec
+from models.spec import SUPPORT_VIEWS, ModelSpec
+from models.views import support_views
 
 POLICIES = ("transductive", "support", "running")  # running: only for models with bn_running
 
@@ -78,6 +79,9 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
     while done < tasks:
         n = min(chunk, tasks - done)
         b = sampler.sample(n)
+        # the model's support views (models.views), as the server adapts: the prototypes, steps and support
+        # statistics see the extended support set
+        sx, sy = support_views(spec.support_views, b.support_x, b.support_y)
         # The final step's batch-norm weights: what the queries are predicted with after any number of steps
         final = {} if step_bn is None else step_row(step_bn, next(iter(step_bn.values())).shape[0] - 1, n)
         fast = {**stack_params(params, n), **final}
@@ -85,16 +89,16 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
         if spec.head_init == "proto":  # the head starts at the support prototypes (step 0's features), once
             rows = _step_entry(step_bn, 0)
             if batch_policies:
-                fast = {**adapt(spec, fast, b.support_x, b.support_y, 0, lr, adapt_keys=adapt_keys, step_bn=rows,
+                fast = {**adapt(spec, fast, sx, sy, 0, lr, adapt_keys=adapt_keys, step_bn=rows,
                                 head_init="proto").params, **final}
             if fast_running is not None:
-                fast_running = {**adapt(spec, fast_running, b.support_x, b.support_y, 0, lr, adapt_keys=adapt_keys,
+                fast_running = {**adapt(spec, fast_running, sx, sy, 0, lr, adapt_keys=adapt_keys,
                                         bn_running=_step_entry(bn_running, 0), step_bn=rows,
                                         head_init="proto").params, **final}
         for s in range(steps + 1):
             with torch.no_grad():
                 for p in batch_policies:
-                    out = predict(spec, fast, b.query_x, b.support_x, bn_policy=p)
+                    out = predict(spec, fast, b.query_x, sx, bn_policy=p)
                     per_task[p][s].append(_query_metric(spec, out, b.query_y).cpu())
                 if fast_running is not None:
                     out = predict(spec, fast_running, b.query_x, bn_policy="running", bn_running=bn_running)
@@ -104,12 +108,12 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
             # step s's entry of each per-step table, as entry 0 of a 1-step run
             rates, rows, entry = (_step_entry(t, s) for t in (step_lrs, step_bn, bn_running))
             if batch_policies and not recipe:
-                fast = adapt(spec, fast, b.support_x, b.support_y, 1, lr, head_init="meta").params
+                fast = adapt(spec, fast, sx, sy, 1, lr, head_init="meta").params
             elif batch_policies:
-                fast = {**adapt(spec, fast, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
+                fast = {**adapt(spec, fast, sx, sy, 1, lr, adapt_keys=adapt_keys,
                                 step_lrs=rates, step_bn=rows, head_init="meta").params, **final}
             if fast_running is not None:
-                fast_running = {**adapt(spec, fast_running, b.support_x, b.support_y, 1, lr, adapt_keys=adapt_keys,
+                fast_running = {**adapt(spec, fast_running, sx, sy, 1, lr, adapt_keys=adapt_keys,
                                         step_lrs=rates, bn_running=entry, step_bn=rows, head_init="meta").params,
                                 **final}
         done += n
@@ -228,6 +232,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help=f"task sampler seed (default {TEST_SEED}, the trainer's meta-test tasks)")
     p.add_argument("--chunk", type=int, default=None, help="tasks adapted at once (default: the config's, 100)")
+    p.add_argument("--support-views", default=None, choices=tuple(SUPPORT_VIEWS),
+                   help="views of every support image adapt sees (models.views; default: the checkpoint spec's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--data-root", default=None, help="Omniglot (or mini-ImageNet) folder (default $FASTADAPT_OMNIGLOT)")
     p.add_argument("--out", type=Path, default=None,
@@ -258,6 +264,11 @@ def _resolve(p: argparse.ArgumentParser, args, model) -> None:
         p.error(f"--within-alphabet: {args.checkpoint} is a {spec.arch} model, alphabets are Omniglot's")
     if args.split and not spec.arch.endswith("omniglot"):
         p.error(f"--split {args.split}: Omniglot's splits, but {args.checkpoint} is a {spec.arch} model")
+    if args.support_views not in (None, spec.support_views):
+        try:
+            model.spec = spec.with_(support_views=args.support_views)
+        except ValueError as exc:  # a non-image architecture
+            p.error(f"--support-views {args.support_views}: {str(exc)[:300]}")
 
 
 def cli_checkpoint(parser: argparse.ArgumentParser, path: Path, device_name: str):
@@ -316,6 +327,7 @@ def main(argv=None) -> int:
         "report_step": spec.steps, "task_kind": kind, "within_alphabet": args.within_alphabet, "ways": args.ways,
         "shots": args.shots, "queries": args.queries, "steps": args.steps, "seed": args.seed, "chunk": args.chunk,
         "recipe": {"adapt_params": spec.adapt_params, "head_init": spec.head_init,
+                   "support_views": spec.support_views,
                    "lr": "LSLR per step" if model.step_lrs is not None else
                    "Meta-SGD per element" if model.inner_lrs is not None else float(spec.inner_lr),
                    **({"per_step_bn_steps": model.bn_steps} if model.step_bn is not None else {})},
@@ -376,7 +388,10 @@ def _step_entry(table: dict[str, torch.Tensor] | None, step: int) -> dict[str, t
 
 def _head_init(recipe: dict) -> str:
     """The report's note on a head started from the support prototypes (Proto-MAML), where the model does so."""
-    return ", head started from the support prototypes" if recipe.get("head_init") == "proto" else ""
+    views = recipe.get("support_views", "none")
+    return ((", head started from the support prototypes" if recipe.get("head_init") == "proto" else "")
+            + (f", support views {views} ({len(SUPPORT_VIEWS[views])} per image, models.views)" if views != "none"
+               else ""))
 
 
 def _bn_weights(recipe: dict) -> str:

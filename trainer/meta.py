@@ -26,6 +26,7 @@ import torch.distributed as dist
 from models.functional import adapted_keys, bn_param_keys, init_params, stats_shapes
 from models.maml import adapt, predict, task_accuracy, task_losses
 from models.spec import ModelSpec
+from models.views import support_views
 from trainer.config import TrainConfig
 
 
@@ -77,7 +78,9 @@ class MetaLearner:
         """Mean query loss over the tasks after the inner loop, and the mean query accuracy (a 0-dim tensor).
 
         iteration: the 0-based meta-iteration, for the recipes' schedules (multi-step loss weights, derivative order).
+        The inner loop adapts on the spec's support views (models.views), as the server does.
         """
+        support_x, support_y = support_views(self.spec.support_views, support_x, support_y)
         if self.cfg.uses_recipe:
             return self._recipe_meta_loss(support_x, support_y, query_x, query_y, iteration or 0)
         lr = self.inner_lrs if self.inner_lrs is not None else self.cfg.inner_lr

@@ -39,7 +39,7 @@ def pick_device(name: str) -> torch.device:
 def model_spec(cfg: TrainConfig) -> ModelSpec:
     return ModelSpec(name=cfg.name, arch=cfg.arch, ways=cfg.ways, inner_lr=cfg.inner_lr, steps=cfg.test_steps,
                      bn_policy=cfg.serve_bn_policy, hidden=cfg.hidden, adapt_params=cfg.adapt_params,
-                     head_init=cfg.head_init)
+                     head_init=cfg.head_init, support_views=cfg.support_views)
 
 
 def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:

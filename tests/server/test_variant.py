@@ -41,13 +41,24 @@ def test_a_variant_keeps_every_tensor_and_records_its_source(tmp_path, source, c
     assert got.provenance["iterations"] == 123
     assert got.provenance["variant_of"] == {"path": str(path), "name": "tiny-20w1s", "steps": 2, "inner_lr": 0.3,
                                             "bn_policy": "support", "head_init": "meta", "iterations": 123,
-                                            "commit": "abc", "note": "5 shots", "ways": 4}
+                                            "commit": "abc", "note": "5 shots", "ways": 4, "support_views": "none"}
+
+
+def test_a_variant_with_support_views_adapts_on_them(tmp_path, source, capsys):
+    path, model = source
+    out = tmp_path / "zoo" / "tiny-views.pt"
+    assert main([str(path), "--name", "tiny-views", "--support-views", "cross2", "--out", str(out)]) == 0
+    assert "support views cross2" in capsys.readouterr().out
+    got = load_checkpoint(out)
+    assert got.spec == SOURCE.with_(name="tiny-views", support_views="cross2") and got.spec.views == 9
+    assert got.provenance["variant_of"]["support_views"] == "none"
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--name", "x", "--steps", "-1"], "steps -1: expected >= 0"),
     (["--name", "a/b"], "name 'a/b': expected a model name"),
     (["--name", "x", "--inner-lr", "nan"], "inner_lr nan: expected a finite rate > 0"),
+    (["--name", "x", "--support-views", "all"], "support_views 'all': expected one of ['none', 'cross2']"),
     (["--name", "x", "--bn-policy", "batch"], "bn_policy 'batch': expected one of"),
     (["--name", "x", "--head-init", "mean"], "head_init 'mean': expected one of"),
 ])

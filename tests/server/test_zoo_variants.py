@@ -14,6 +14,7 @@ from models.checkpoint import load_checkpoint
 from models.functional import HEAD_KEYS
 from models.maml import adapt, adaptation_stats, predict
 from models.preprocess import preprocess_uint8
+from models.views import support_views
 from server import demo
 from tests.server.conftest import ZOO_DIR
 
@@ -50,6 +51,7 @@ def test_a_bundled_5_shot_variant_serves_10_head_steps_as_the_reference(serve_zo
             x = preprocess_uint8(spec, torch.from_numpy(sx))[None]
             q = preprocess_uint8(spec, torch.from_numpy(qx))[None]
             y = torch.from_numpy(sy.astype(np.int64))[None]
+            x, y = support_views(spec.support_views, x, y)  # the model's support views, as the server adapts
             fast = adapt(spec, model.params, x, y, 10, spec.inner_lr, adapt_keys=HEAD_KEYS).params
             with torch.no_grad():
                 want = predict(spec, fast, q, stats=adaptation_stats(spec, fast, x))[0].numpy()

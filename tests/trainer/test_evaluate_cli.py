@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from trainer import evaluate as ev
 from trainer.config import CONFIGS
 from trainer.data.omniglot import load_omniglot, split_info
 from trainer.train import TEST_SEED, build_samplers
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fresh_checkpoint(path, ways=5, provenance=None, **spec_kw):
@@ -73,7 +76,8 @@ def test_random_tasks_reproduce_the_trainers_meta_test_with_the_checkpoints_reci
                     "--data-root", str(omniglot_root)]) == 0
     got = json.loads((out / "results.json").read_text())
     assert got["chunk"] == 8 and got["data"]["source"] == "the checkpoint's provenance" and got["notices"] == []
-    assert got["recipe"] == {"adapt_params": "head", "head_init": "meta", "lr": "LSLR per step"}
+    assert got["recipe"] == {"adapt_params": "head", "head_init": "meta", "support_views": "none",
+                             "lr": "LSLR per step"}
     assert got["iterations"] == 7
     from models.checkpoint import load_checkpoint
 
@@ -115,6 +119,7 @@ def test_the_checkpoints_split_is_used_unless_overridden(tmp_path, omniglot_root
         (["{ckpt}", "--shots", "15", "--queries", "6"], "15 \\+ 6 = 21 examples per class"),
         (["{ckpt}", "--split", "nonsense"], "invalid choice: 'nonsense'"),
         (["{ckpt}", "--tasks", "many"], "invalid int value: 'many'"),
+        (["{ckpt}", "--support-views", "grid"], "invalid choice: 'grid'"),
         (["{bad}"], "not a readable checkpoint"),
         (["{ckpt20}", "--within-alphabet", "--split", "paper"], "no alphabet has ways=20 characters.*has 18"),
     ],
@@ -129,3 +134,20 @@ def test_bad_arguments_exit_2_naming_the_value(tiny, tmp_path, omniglot_root, ar
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_support_views_raise_the_bundled_20_way_models_served_accuracy(tmp_path, omniglot_root):
+    """The bundled 20-way 1-shot model on real Omniglot (new alphabets, the meta-test's first 100 tasks): adapting on
+    every support image and its 1- and 2-pixel shifts (models.views) answers more queries under the serving policy
+    (600 tasks: docs/results/support-views/)."""
+    zoo = ROOT / "models" / "zoo" / "omniglot-20w1s.pt"
+    got = {}
+    for views in ("none", "cross2"):
+        out = tmp_path / views
+        assert ev.main([str(zoo), "--tasks", "100", "--steps", "0", "--support-views", views, "--device", "cpu",
+                        "--data-root", str(omniglot_root), "--out", str(out)]) == 0
+        result = json.loads((out / "results.json").read_text())
+        assert result["recipe"]["support_views"] == views
+        got[views] = result["support"]["mean"][0]
+    assert got["cross2"] > got["none"] + 0.3, got

@@ -172,3 +172,28 @@ def test_throughput_peer_makes_the_same_update_as_the_batched_learner(tmp_path):
             torch.testing.assert_close(looped.params[k], v, atol=1e-6, rtol=0)
     main(["--iters", "1", "--meta-batch", "2", "--out", str(tmp_path), "--device", "cpu"])
     assert "per-task loop" in (tmp_path / "omniglot-5w1s_maml.md").read_text()
+
+
+def test_support_views_in_meta_training_adapt_on_the_extended_support_set(capsys):
+    """--support_views cross2: the inner loop adapts on every support image's 9 views (models.views), the meta-loss
+    equals a learner without views fed the extended set, and the trained spec carries the views for serving."""
+    from models.views import support_views
+
+    cfg = dataclasses.replace(CFG, recipe="proto-anil", adapt_params="head", head_init="proto", support_views="cross2")
+    with_views = learner(cfg)
+    assert with_views.spec.support_views == "cross2" and model_spec(cfg).views == 9
+    sx, sy, qx, qy = random_batch(cfg, 2)
+    plain = learner(dataclasses.replace(cfg, support_views="none"))
+    loss, acc = with_views.meta_loss(sx, sy, qx, qy, iteration=0)
+    vx, vy = support_views("cross2", sx, sy)
+    want, want_acc = plain.meta_loss(vx, vy, qx, qy, iteration=0)
+    other, _ = plain.meta_loss(sx, sy, qx, qy, iteration=0)
+    torch.testing.assert_close(loss, want)
+    assert acc == want_acc and abs(loss.item() - other.item()) > 1e-4
+    for argv, message in ((["omniglot-5w1s", "--support_views", "grid"], "--support_views 'grid', expected one of "
+                                                                          "none, cross2"),
+                          (["sinusoid", "--support_views", "cross2"], "--support_views cross2 with arch "
+                                                                      "mlp-sinusoid: shifted views need image")):
+        with pytest.raises(SystemExit) as exit_:
+            config_from_args(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
