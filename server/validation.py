@@ -137,7 +137,9 @@ def steps(request, path: str, model: MetaModel, limits: Limits, support_rows: in
     value = value or model.spec.steps
     if support_rows * value > limits.max_support_steps:
         raise InvalidArgument(
-            f"{path}steps = {value} on {support_rows} support rows costs {support_rows * value} row-steps, expected at "
+            f"{path}steps = {value} on {support_rows} support rows"
+            f"{f' ({model.spec.views} support views of each image)' if model.spec.views > 1 else ''} costs "
+            f"{support_rows * value} row-steps, expected at "
             f"most {limits.max_support_steps} (--max-support-steps): fewer steps or a smaller support set"
         )
     return value

@@ -68,4 +68,5 @@ def test_the_row_step_limit_counts_the_views(views_model, make_server):
         with pytest.raises(grpc.RpcError) as err:
             client.adapt("tiny-views", sx, sy)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "steps = 2 on 90 support rows costs 180 row-steps, expected at most 100" in err.value.details()
+    assert ("steps = 2 on 90 support rows (9 support views of each image) costs 180 row-steps, expected at most 100"
+            in err.value.details())
