@@ -17,23 +17,23 @@ import torch.nn.functional as F
 
 from models.spec import SUPPORT_VIEWS, VIEW_ARCHS
 
-__all__ = ["SUPPORT_VIEWS", "VIEW_ARCHS", "shifted", "support_views", "view_count"]
+__all__ = ["SUPPORT_VIEWS", "VIEW_ARCHS", "shifted", "support_views"]
 
-def view_count(name: str) -> int:
-    return len(SUPPORT_VIEWS[name])
+
+def _shifts(x: torch.Tensor, offsets) -> list[torch.Tensor]:
+    """x [..., H, W] moved by each (dy, dx) of `offsets`, edge pixels repeated: one padding, a slice per shift."""
+    h, w = x.shape[-2:]
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    if pad == 0:
+        return [x for _ in offsets]
+    lead = x.shape[:-2]
+    padded = F.pad(x.reshape(-1, 1, h, w), (pad, pad, pad, pad), mode="replicate")
+    return [padded[..., pad - dy: pad - dy + h, pad - dx: pad - dx + w].reshape(*lead, h, w) for dy, dx in offsets]
 
 
 def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """x [..., H, W] moved down by dy and right by dx pixels (negative: up / left), edge pixels repeated."""
-    if dy == 0 and dx == 0:
-        return x
-    h, w = x.shape[-2:]
-    pad = max(abs(dy), abs(dx))
-    lead = x.shape[:-2]
-    flat = x.reshape(-1, 1, h, w)
-    padded = F.pad(flat, (pad, pad, pad, pad), mode="replicate")
-    out = padded[..., pad - dy: pad - dy + h, pad - dx: pad - dx + w]
-    return out.reshape(*lead, h, w)
+    return _shifts(x, ((dy, dx),))[0]
 
 
 def support_views(name: str, support_x: torch.Tensor, support_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +47,5 @@ def support_views(name: str, support_x: torch.Tensor, support_y: torch.Tensor) -
     if support_x.dim() != 5:
         raise ValueError(f"support views {name!r}: support_x has shape {list(support_x.shape)}, expected "
                          "[T, S, C, H, W] images")
-    views = torch.stack([shifted(support_x, dy, dx) for dy, dx in offsets], dim=2)  # [T, S, V, C, H, W]
-    x = views.flatten(1, 2)
-    y = support_y.repeat_interleave(len(offsets), dim=1)
-    return x, y
+    x = torch.stack(_shifts(support_x, offsets), dim=2).flatten(1, 2)  # [T, S, V, C, H, W] -> [T, S * V, ...]
+    return x, support_y.repeat_interleave(len(offsets), dim=1)

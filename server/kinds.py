@@ -120,7 +120,7 @@ def _job(service, request, path: str, model, entry, query, keep: bool):
             y = support_targets(request, path, model, x.shape[0])
         else:
             x, y = validation.support_set(request, path, model, limits)
-        steps = validation.steps(request, path, model, limits, x.shape[0] * model.spec.views)
+        steps = validation.steps(request, path, model, limits, x.shape[0])
         rows = validation.support_rows(model, path, x.shape[0])
         if query is not None:
             rows["query_x"] = query.shape[0]

@@ -168,6 +168,11 @@ def trainer_evaluation(env: str) -> dict | None:
                                      **{k: row[k] for k in ("tasks", "trajectories", "lrs", "seed", "mean", "ci95")}}
 
 
+def full_episodes(record: dict) -> bool:
+    """Whether the demo ran the episodes its policy's config trains and evaluates (the trainer's and the paper's)."""
+    return record["horizon"] == record["config_horizon"]
+
+
 def table(record: dict) -> str:
     steps = record["steps"]
     head = "| | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in range(steps + 1)) + " |"
@@ -179,7 +184,7 @@ def table(record: dict) -> str:
         cells = [f"{m:.2f} ± {c:.2f}" for m, c in zip(trainer["mean"], trainer["ci95"])][: steps + 1]
         rows.append(f"| trainer's evaluation ({trainer['row']}, {trainer['tasks']} goals) | " + " | ".join(cells)
                     + " |")
-    if record.get("horizon", 0) == record.get("config_horizon", 0):  # the paper's episodes (older records: yes)
+    if full_episodes(record):  # the paper's episodes
         paper = PAPER[record["env"]]
         label = "paper (Finn et al. 2017, MAML" + (", Fig. 5, read off, approximate)" if paper.get("approximate")
                                                    else ")")
@@ -250,7 +255,7 @@ def markdown(record: dict) -> str:
         table(record), "",
         f"{record['goals']} goals x {record['trajectories']} trajectories per step, adaptation lrs {record['lrs']}, "
         f"seed {record['seed']}, episodes of {record['horizon']} steps"
-        + ("" if record["horizon"] == record["config_horizon"] else
+        + ("" if full_episodes(record) else
            f" (the config trains and evaluates {record['config_horizon']}: no trainer or paper row)")
         + f"; {record['predict_calls']} Predict calls, {record['wall_s']} s wall on "
         f"{record['hardware']} (server: {record['server']}).", "",
@@ -315,8 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     record["command"] = "python -m server.rl_demo " + " ".join(sys.argv[1:] if argv is None else argv)
     record["paper"] = PAPER[record["env"]]
     # the trainer evaluated the config's episodes: a demo of other lengths has nothing to compare with
-    record["trainer"] = trainer = (trainer_evaluation(record["env"]) if record["horizon"] == record["config_horizon"]
-                                   else None)
+    record["trainer"] = trainer = trainer_evaluation(record["env"]) if full_episodes(record) else None
     per_task = trainer.pop("per_task") if trainer is not None else None
     same = trainer is not None and all(trainer[k] == record[k] for k in ("seed", "trajectories", "lrs")) and \
         trainer["tasks"] == record["goals"]

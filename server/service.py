@@ -129,7 +129,7 @@ class FastAdaptService(pb_grpc.FastAdaptServicer):
     def _adapt_job(self, request, path: str, query=None, keep: bool = True) -> AdaptJob:
         model = self.registry.get(request.model, f"{path}model")
         support_x, support_y = validation.support_set(request, path, model, self.limits)
-        steps = validation.steps(request, path, model, self.limits, support_x.shape[0] * model.spec.views)
+        steps = validation.steps(request, path, model, self.limits, support_x.shape[0])
         if query is None:
             validation.kernel_rows(model, self.runner.max_rows(model),
                                    **validation.support_rows(model, path, support_x.shape[0]))

@@ -129,6 +129,9 @@ def kernel_rows(model: MetaModel, max_rows: int | None, **rows: int) -> None:
 
 
 def steps(request, path: str, model: MetaModel, limits: Limits, support_rows: int = 1) -> int:
+    """The request's inner steps (0: the model's default), refused past max_steps or past max_support_steps row-steps
+    over the rows adapt forwards: `support_rows` (N*K) times the model's support views."""
+    support_rows *= model.spec.views
     value = request.steps
     if not 0 <= value <= limits.max_steps:
         raise InvalidArgument(

@@ -368,7 +368,7 @@ def evaluation_markdown(name: str, result: dict) -> str:
         f"# Meta-test of `{result['checkpoint']}`: {result['task_kind']} tasks", "",
         f"- Command: `{result['command']}` ({result['finished']})",
         f"- Checkpoint: `{result['checkpoint']}` ({name}; adapts {recipe['adapt_params']}, inner lr "
-        f"{recipe['lr']}{_bn_weights(recipe)}{_head_init(recipe)}; {trained})",
+        f"{recipe['lr']}{_bn_weights(recipe)}{_adapt_notes(recipe)}; {trained})",
         f"- Tasks: {result['tasks']} {result['task_kind']} {task} tasks, {result['queries']} "
         f"quer{'y' if result['queries'] == 1 else 'ies'} per class, "
         f"seed {result['seed']}, inner steps 0..{result['steps']} (serving default {result['report_step']}); {test}",
@@ -386,8 +386,9 @@ def _step_entry(table: dict[str, torch.Tensor] | None, step: int) -> dict[str, t
     return None if table is None else {k: v[min(step, v.shape[0] - 1)].unsqueeze(0) for k, v in table.items()}
 
 
-def _head_init(recipe: dict) -> str:
-    """The report's note on a head started from the support prototypes (Proto-MAML), where the model does so."""
+def _adapt_notes(recipe: dict) -> str:
+    """The report's notes on how adapt starts and what it sees: a head started from the support prototypes
+    (Proto-MAML) and the support views, where the model has them."""
     views = recipe.get("support_views", "none")
     return ((", head started from the support prototypes" if recipe.get("head_init") == "proto" else "")
             + (f", support views {views} ({len(SUPPORT_VIEWS[views])} per image, models.views)" if views != "none"
