@@ -11,7 +11,7 @@ ADAPT_PARAMS = ("all", "head", "no-bn")  # the inner loop updates every paramete
 # head's logits before any step are a nearest-centroid classifier's, -|f - mu_c|^2 up to a per-query constant).
 HEAD_INITS = ("meta", "proto")
 ARCHITECTURES = ("conv4-omniglot", "conv4-miniimagenet", "mlp-omniglot", "mlp-sinusoid")
-# Support views (models.views): name -> the (dy, dx) pixel shifts of every view of a support image, itself first.
+# Views (models.views): name -> the (dy, dx) pixel shifts of every view of a support (or query) image, itself first.
 SUPPORT_VIEWS: dict[str, tuple[tuple[int, int], ...]] = {
     "none": ((0, 0),),
     # the image and its shifts by 1 and 2 pixels down, up, right and left: 9 views
@@ -64,6 +64,9 @@ class ModelSpec:
     # Which views of every support image adapt sees (models.views.SUPPORT_VIEWS): none, or cross2 (the image and its
     # 1- and 2-pixel shifts). Image architectures only. Older checkpoints: none.
     support_views: str = "none"
+    # Which views of every query image predict averages the logits over (a SUPPORT_VIEWS name: none, or cross2): the
+    # test-time ensemble of a query and its shifts. Image architectures only. Older checkpoints: none.
+    query_views: str = "none"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -81,12 +84,14 @@ class ModelSpec:
                              "adaptation; expected adapt_params 'head' on a classification architecture")
         if self.ways < 1:
             raise ValueError(f"model spec {self.name!r}: ways={self.ways}, expected >= 1")
-        if self.support_views not in SUPPORT_VIEWS:
-            raise ValueError(f"model spec {self.name!r}: support_views {self.support_views!r}, expected one of "
-                             f"{tuple(SUPPORT_VIEWS)}")
-        if self.support_views != "none" and self.arch not in VIEW_ARCHS:
-            raise ValueError(f"model spec {self.name!r}: support_views {self.support_views!r} with arch "
-                             f"{self.arch!r}: shifted views need image inputs, expected one of {VIEW_ARCHS}")
+        for field_name in ("support_views", "query_views"):
+            views = getattr(self, field_name)
+            if views not in SUPPORT_VIEWS:
+                raise ValueError(f"model spec {self.name!r}: {field_name} {views!r}, expected one of "
+                                 f"{tuple(SUPPORT_VIEWS)}")
+            if views != "none" and self.arch not in VIEW_ARCHS:
+                raise ValueError(f"model spec {self.name!r}: {field_name} {views!r} with arch {self.arch!r}: shifted "
+                                 f"views need image inputs, expected one of {VIEW_ARCHS}")
         if not self.input_shape:
             object.__setattr__(self, "input_shape", ARCH_INPUT_SHAPE[self.arch])
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
@@ -115,6 +120,11 @@ class ModelSpec:
     def views(self) -> int:
         """Rows adapt sees per support row (1 without support views)."""
         return len(SUPPORT_VIEWS[self.support_views])
+
+    @property
+    def query_view_count(self) -> int:
+        """Rows predict forwards per query row (1 without query views)."""
+        return len(SUPPORT_VIEWS[self.query_views])
 
     @property
     def preprocessing(self) -> str:

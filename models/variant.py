@@ -1,5 +1,5 @@
 """`python -m models.variant SOURCE --name NAME --out DEST [--steps S] [--inner-lr LR] [--bn-policy P]
-[--head-init meta|proto] [--ways N] [--support-views V] [--note TEXT]`
+[--head-init meta|proto] [--ways N] [--support-views V] [--query-views V] [--note TEXT]`
 
 A served variant of a checkpoint: the same tensors (parameters, learned rates, per-step batch-norm weights and
 statistics) under another name and other serving defaults (inner steps, inner lr, batch-norm policy). The server
@@ -12,7 +12,8 @@ prototypes (Proto-MAML) instead of the meta-learned head (docs/results/omniglot-
 than the source's, prototype head only) serves the body for N-way tasks: a prototype head never reads the meta-learned
 head's rows, so a body meta-trained on 20-way tasks answers 5-way ones (docs/results/omniglot-5w1s-from-20w/).
 `--support-views cross2` adapts on every support image and its 1- and 2-pixel shifts (models.views;
-docs/results/support-views/).
+docs/results/support-views/); `--query-views cross2` predicts every query as the mean logits of the query and its
+shifts (docs/results/query-views/).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ __all__ = ["main", "variant"]
 
 def variant(model: MetaModel, source: str, name: str, steps: int | None = None, inner_lr: float | None = None,
             bn_policy: str | None = None, note: str = "", head_init: str | None = None,
-            ways: int | None = None, support_views: str | None = None) -> MetaModel:
+            ways: int | None = None, support_views: str | None = None,
+            query_views: str | None = None) -> MetaModel:
     """`model` renamed, with the serving defaults given (None: the source's) and the provenance saying so. `ways`
     (fewer than the source's; the variant's head must start at the prototypes) keeps the head tensors' first rows."""
     if not name or "/" in name or name.startswith("."):
@@ -44,12 +46,13 @@ def variant(model: MetaModel, source: str, name: str, steps: int | None = None, 
         raise ValueError(f"bn_policy {bn_policy!r}: expected one of {list(BN_POLICIES)}")
     if head_init is not None and head_init not in HEAD_INITS:
         raise ValueError(f"head_init {head_init!r}: expected one of {list(HEAD_INITS)}")
-    if support_views is not None and support_views not in SUPPORT_VIEWS:
-        raise ValueError(f"support_views {support_views!r}: expected one of {list(SUPPORT_VIEWS)}")
+    for field, views in (("support_views", support_views), ("query_views", query_views)):
+        if views is not None and views not in SUPPORT_VIEWS:
+            raise ValueError(f"{field} {views!r}: expected one of {list(SUPPORT_VIEWS)}")
     old = model.spec
     changes = {"name": name}
     options = (("steps", steps), ("inner_lr", inner_lr), ("bn_policy", bn_policy), ("head_init", head_init),
-               ("ways", ways), ("support_views", support_views))
+               ("ways", ways), ("support_views", support_views), ("query_views", query_views))
     changes.update({k: v for k, v in options if v is not None})
     spec = old.with_(**changes)
     tensors = {}
@@ -67,7 +70,7 @@ def variant(model: MetaModel, source: str, name: str, steps: int | None = None, 
     provenance = dict(model.provenance)
     provenance["variant_of"] = {"path": source, "name": old.name, "steps": old.steps, "inner_lr": old.inner_lr,
                                 "bn_policy": old.bn_policy, "head_init": old.head_init, "ways": old.ways,
-                                "support_views": old.support_views,
+                                "support_views": old.support_views, "query_views": old.query_views,
                                 "iterations": model.provenance.get("iterations"),
                                 "commit": model.provenance.get("commit"), "note": note}
     # every tensor field of the source (the head's first `ways` rows for fewer ways)
@@ -89,17 +92,20 @@ def main(argv: list[str] | None = None) -> int:
                         "prototype head: --head-init proto or a proto source)")
     parser.add_argument("--support-views", help=f"views of every support image adapt sees, one of "
                         f"{list(SUPPORT_VIEWS)} (models.views)")
+    parser.add_argument("--query-views", help=f"views of every query image predict averages its logits over, one "
+                        f"of {list(SUPPORT_VIEWS)} (models.views)")
     parser.add_argument("--note", default="", help="why the variant exists (kept in its provenance)")
     args = parser.parse_args(argv)
     try:
         model = load_checkpoint(args.source)
         out = variant(model, args.source, args.name, args.steps, args.inner_lr, args.bn_policy, args.note,
-                      args.head_init, args.ways, args.support_views)
+                      args.head_init, args.ways, args.support_views, args.query_views)
     except (CheckpointError, ValueError) as exc:
         parser.error(str(exc)[:500])
     path = save_checkpoint(args.out, out)
     print(f"wrote {path}: {out.spec.name} ({out.spec.ways}-way, {out.spec.steps} steps at lr {out.spec.inner_lr}, "
-          f"bn_policy {out.spec.bn_policy}, head_init {out.spec.head_init}, support views {out.spec.support_views}), "
+          f"bn_policy {out.spec.bn_policy}, head_init {out.spec.head_init}, support views {out.spec.support_views}, "
+          f"query views {out.spec.query_views}), "
           f"the tensors of {args.source}")
     return 0
 

@@ -132,7 +132,7 @@ def model_info_dict(m: pb.ModelInfo) -> dict:
         "max_support": m.max_support, "max_queries": m.max_queries, "max_support_steps": m.max_support_steps,
         "ready": m.ready, "not_ready_reason": m.not_ready_reason, "recipe": m.recipe, "adapt_params": m.adapt_params,
         "head_init": m.head_init,
-        "support_views": m.support_views,
+        "support_views": m.support_views, "query_views": m.query_views,
         "kind": m.kind, "observation_size": m.observation_size, "action_size": m.action_size, "discount": m.discount,
         "baseline": m.baseline, "output_size": m.output_size, "action_low": m.action_low, "action_high": m.action_high,
         "per_step_bn_steps": m.per_step_bn_steps,

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     info = served[model]
                     print(f"{model}: {info['arch']}, {info['ways']}-way, {info['default_steps']} steps at lr "
                           f"{info['default_inner_lr']:g}, batch norm '{info['bn_policy']}', support views "
-                          f"'{info['support_views'] or 'none'}'")
+                          f"'{info['support_views'] or 'none'}', query views '{info['query_views'] or 'none'}'")
                     for within in (False, True):
                         rows.append(run_model(client, characters, model, ways, shots, args.queries_per_class,
                                               args.tasks, args.seed, args.warmup_tasks, progress, within))

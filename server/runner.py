@@ -29,7 +29,7 @@ from models.checkpoint import MetaModel
 from models.functional import running_at
 from models.onnx_export import export_onnx
 from models.preprocess import preprocess_uint8
-from models.views import support_views
+from models.views import mean_over_views, query_views, support_views
 from server.status import Internal, InvalidArgument, ResourceExhausted, Unavailable
 
 # Messages of CUDA errors after which the context is unusable: every later call fails too (retrying is pointless).
@@ -214,6 +214,11 @@ class BatchRunner:
             return self._preprocess(model, torch.from_numpy(np.stack(arrays)).to(self.device))
         return torch.stack([self._preprocess(model, torch.from_numpy(np.array(a)).to(self.device)) for a in arrays])
 
+    def query_input(self, model: MetaModel, arrays: list[np.ndarray]) -> torch.Tensor:
+        """Validated query arrays -> [T, Q * V, *input_shape]: each query and its views (models.views; V = 1 without
+        query views), whose logits `mean_over_views` folds back to one row per query."""
+        return query_views(model.spec.query_views, self.to_model_input(model, arrays))
+
     @staticmethod
     def _preprocess(model: MetaModel, x: torch.Tensor) -> torch.Tensor:
         return preprocess_uint8(model.spec, x) if x.dtype == torch.uint8 else x.float()
@@ -234,10 +239,10 @@ class BatchRunner:
         start = time.perf_counter()
         if len(query_counts) == 1 and None not in query_counts:
             # Every task has Q queries: one fused engine call (one graph replay on a GPU backend).
-            query_x = self.to_model_input(model, [j.query_x for j in jobs])
+            query_x = self.query_input(model, [j.query_x for j in jobs])
             result, out = self.engine.adapt_predict(model, support_x, support_y, query_x, steps=first.steps,
                                                     lr=first.lr, track=True)
-            out = out.float().cpu().numpy()
+            out = mean_over_views(out.float(), model.spec.query_view_count).cpu().numpy()
             logits_ok = finite_rows(out)
             logits = {i: out[i] for i in range(len(jobs))}
         else:
@@ -290,10 +295,10 @@ class BatchRunner:
                 index = torch.tensor(rows, device=self.device)
                 groups.append((rows, _select(fast_all, index), _select(stats_all, index)))
         for rows, fast, stats in groups:
-            query_x = self.to_model_input(model, [jobs[i].query_x for i in rows])
+            query_x = self.query_input(model, [jobs[i].query_x for i in rows])
             start = time.perf_counter()
             out = self.engine.predict(model, fast, query_x, stats)
-            out = out.float().cpu().numpy()
+            out = mean_over_views(out.float(), model.spec.query_view_count).cpu().numpy()
             ok = finite_rows(out)
             seconds = time.perf_counter() - start
             for j, i in enumerate(rows):
@@ -306,10 +311,10 @@ class BatchRunner:
         stats = None
         if jobs[0].stats is not None:
             stats = {k: torch.stack([j.stats[k] for j in jobs]) for k in jobs[0].stats}
-        query_x = self.to_model_input(model, [j.query_x for j in jobs])
+        query_x = self.query_input(model, [j.query_x for j in jobs])
         start = time.perf_counter()
         out = self.engine.predict(model, fast, query_x, stats)
-        out = out.float().cpu().numpy()
+        out = mean_over_views(out.float(), model.spec.query_view_count).cpu().numpy()
         ok = finite_rows(out)
         seconds = time.perf_counter() - start
         return [PredictOutcome(out[i], seconds) if ok[i] else non_finite_logits(model) for i in range(len(jobs))]

@@ -6,9 +6,10 @@ running statistics); mean and 95% confidence interval (1.96 std / sqrt(n)).
 
 `python -m trainer.evaluate CHECKPOINT [--tasks 600] [--within-alphabet] [--steps S] [--ways N] [--shots K]
 [--queries Q] [--split background|paper] [--seed SEED] [--out DIR]` meta-tests a checkpoint with its own recipe
-(adapted parameters, LSLR / Meta-SGD rates, per-step batch-norm weights) on the test split it was trained against
-(its provenance's split unless --split says otherwise) and writes DIR/results.json, results.md and
-meta_test_steps.png, as the trainer's final evaluation does. Ways, shots, queries, steps, chunk and seed default to
+(adapted parameters, LSLR / Meta-SGD rates, per-step batch-norm weights, support and query views) on the test split
+it was trained against (its provenance's split unless --split says otherwise) and writes DIR/results.json,
+results.md and meta_test_steps.png, as the trainer's final evaluation does; --support-views / --query-views override
+the spec's views. Ways, shots, queries, steps, chunk and seed default to
 the checkpoint's training config (the trainer's meta-test seed), so random tasks reproduce the trainer's own
 meta-test. --within-alphabet draws all N classes of a task from one alphabet of the test split (alphabets with fewer
 than N characters skipped).
@@ -32,7 +33,7 @@ import torch
 from models.functional import stack_params, step_row
 from models.maml import adapt, predict
 from models.spec import SUPPORT_VIEWS, ModelSpec
-from models.views import support_views
+from models.views import mean_over_views, query_views, support_views
 
 POLICIES = ("transductive", "support", "running")  # running: only for models with bn_running
 
@@ -98,10 +99,10 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
         for s in range(steps + 1):
             with torch.no_grad():
                 for p in batch_policies:
-                    out = predict(spec, fast, b.query_x, sx, bn_policy=p)
+                    out = _predict(spec, fast, b.query_x, sx, bn_policy=p)
                     per_task[p][s].append(_query_metric(spec, out, b.query_y).cpu())
                 if fast_running is not None:
-                    out = predict(spec, fast_running, b.query_x, bn_policy="running", bn_running=bn_running)
+                    out = _predict(spec, fast_running, b.query_x, bn_policy="running", bn_running=bn_running)
                     per_task["running"][s].append(_query_metric(spec, out, b.query_y).cpu())
             if s == steps:
                 break
@@ -125,6 +126,13 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
             "ci95": [1.96 * v.std(unbiased=False).item() / math.sqrt(len(v)) for v in values],
         }
     return result
+
+
+def _predict(spec: ModelSpec, fast, query_x, support_x=None, **kwargs):
+    """models.maml.predict under the model's query views (models.views), as the server predicts: each query's
+    logits are the mean of its views'."""
+    out = predict(spec, fast, query_views(spec.query_views, query_x), support_x, **kwargs)
+    return mean_over_views(out, spec.query_view_count)
 
 
 def results_markdown(name: str, result: dict, report_steps=(0, 1, 3, 5, 10)) -> str:
@@ -234,6 +242,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=None, help="tasks adapted at once (default: the config's, 100)")
     p.add_argument("--support-views", default=None, choices=tuple(SUPPORT_VIEWS),
                    help="views of every support image adapt sees (models.views; default: the checkpoint spec's)")
+    p.add_argument("--query-views", default=None, choices=tuple(SUPPORT_VIEWS),
+                   help="views of every query image whose logits predict averages (models.views; default: the "
+                        "checkpoint spec's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--data-root", default=None, help="Omniglot (or mini-ImageNet) folder (default $FASTADAPT_OMNIGLOT)")
     p.add_argument("--out", type=Path, default=None,
@@ -264,11 +275,13 @@ def _resolve(p: argparse.ArgumentParser, args, model) -> None:
         p.error(f"--within-alphabet: {args.checkpoint} is a {spec.arch} model, alphabets are Omniglot's")
     if args.split and not spec.arch.endswith("omniglot"):
         p.error(f"--split {args.split}: Omniglot's splits, but {args.checkpoint} is a {spec.arch} model")
-    if args.support_views not in (None, spec.support_views):
-        try:
-            model.spec = spec.with_(support_views=args.support_views)
-        except ValueError as exc:  # a non-image architecture
-            p.error(f"--support-views {args.support_views}: {str(exc)[:300]}")
+    for option, field in (("--support-views", "support_views"), ("--query-views", "query_views")):
+        value = getattr(args, field)
+        if value not in (None, getattr(model.spec, field)):
+            try:
+                model.spec = model.spec.with_(**{field: value})
+            except ValueError as exc:  # a non-image architecture
+                p.error(f"{option} {value}: {str(exc)[:300]}")
 
 
 def cli_checkpoint(parser: argparse.ArgumentParser, path: Path, device_name: str):
@@ -327,7 +340,7 @@ def main(argv=None) -> int:
         "report_step": spec.steps, "task_kind": kind, "within_alphabet": args.within_alphabet, "ways": args.ways,
         "shots": args.shots, "queries": args.queries, "steps": args.steps, "seed": args.seed, "chunk": args.chunk,
         "recipe": {"adapt_params": spec.adapt_params, "head_init": spec.head_init,
-                   "support_views": spec.support_views,
+                   "support_views": spec.support_views, "query_views": spec.query_views,
                    "lr": "LSLR per step" if model.step_lrs is not None else
                    "Meta-SGD per element" if model.inner_lrs is not None else float(spec.inner_lr),
                    **({"per_step_bn_steps": model.bn_steps} if model.step_bn is not None else {})},
@@ -389,10 +402,12 @@ def _step_entry(table: dict[str, torch.Tensor] | None, step: int) -> dict[str, t
 def _adapt_notes(recipe: dict) -> str:
     """The report's notes on how adapt starts and what it sees: a head started from the support prototypes
     (Proto-MAML) and the support views, where the model has them."""
-    views = recipe.get("support_views", "none")
+    views, queries = recipe.get("support_views", "none"), recipe.get("query_views", "none")
     return ((", head started from the support prototypes" if recipe.get("head_init") == "proto" else "")
             + (f", support views {views} ({len(SUPPORT_VIEWS[views])} per image, models.views)" if views != "none"
-               else ""))
+               else "")
+            + (f", query views {queries} (logits averaged over {len(SUPPORT_VIEWS[queries])} per query)"
+               if queries != "none" else ""))
 
 
 def _bn_weights(recipe: dict) -> str:

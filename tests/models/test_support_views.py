@@ -12,9 +12,10 @@ import torch
 
 from models.checkpoint import MetaModel, load_checkpoint, save_checkpoint
 from models.functional import adapted_keys, body_features, init_params, stack_params
-from models.maml import adapt
+from models.maml import adapt, predict
 from models.spec import SUPPORT_VIEWS, ModelSpec
-from models.views import shifted, support_views
+from models.views import mean_over_views, query_views, shifted, support_views
+from trainer.evaluate import _predict as evaluate_predict
 from trainer.evaluate import evaluate
 
 SPEC = ModelSpec("tiny-views", "conv4-omniglot", ways=4, inner_lr=0.3, steps=2, hidden=8, input_shape=(1, 12, 12),
@@ -113,3 +114,36 @@ def test_bad_views_are_refused_naming_the_value():
         ModelSpec("s", "mlp-sinusoid", ways=1, inner_lr=0.01, steps=1, support_views="cross2")
     with pytest.raises(ValueError, match=r"support views 'grid7', expected one of none, cross2"):
         support_views("grid7", torch.zeros(1, 1, 1, 4, 4), torch.zeros(1, 1))
+
+
+def test_query_views_average_the_logits_of_each_query_and_its_shifts():
+    """Query views (ModelSpec.query_views): row q * V + v is view v of query q, and the evaluation's logits are the
+    mean over a query's views of those predicted for each shifted copy alone (the support policy: one query never
+    sees another)."""
+    g = torch.Generator().manual_seed(6)
+    spec = SPEC.with_(query_views="cross2")
+    qx = torch.rand(2, 3, 1, 12, 12, generator=g)
+    rows = query_views("cross2", qx)
+    assert rows.shape == (2, 27, 1, 12, 12) and query_views("none", qx) is qx
+    for q in range(3):
+        for v, (dy, dx) in enumerate(SUPPORT_VIEWS["cross2"]):
+            np.testing.assert_array_equal(rows[:, q * 9 + v].numpy(), _reference_shift(qx[:, q].numpy(), dy, dx))
+    params = init_params(spec, g)
+    sx = torch.rand(2, 4, 1, 12, 12, generator=g)
+    sy = torch.stack([torch.randperm(4, generator=g) for _ in range(2)])
+    vx, vy = support_views("cross2", sx, sy)
+    fast = adapt(spec, params, vx, vy, 1, spec.inner_lr, adapt_keys=adapted_keys(spec, "head")).params
+    with torch.no_grad():
+        got = evaluate_predict(spec, fast, qx, vx, bn_policy="support")
+        each = torch.stack([predict(spec, fast, shifted(qx, dy, dx), vx, bn_policy="support")
+                            for dy, dx in SUPPORT_VIEWS["cross2"]]).mean(0)
+        plain = predict(spec, fast, qx, vx, bn_policy="support")
+    np.testing.assert_allclose(got.numpy(), each.numpy(), atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="28 logit rows per task, expected a multiple of the 9 query views"):
+        mean_over_views(torch.zeros(1, 28, 4), 9)
+    with pytest.raises(ValueError, match="query_views 'cross2' with arch 'mlp-sinusoid': shifted views need image"):
+        ModelSpec("s", "mlp-sinusoid", ways=1, inner_lr=0.01, steps=1, query_views="cross2")
+    old = spec.to_dict()
+    del old["query_views"]
+    assert ModelSpec.from_dict(old).query_views == "none" and spec.query_view_count == 9

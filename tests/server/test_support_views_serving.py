@@ -19,6 +19,7 @@ from models.views import support_views
 from server.client import FastAdaptClient
 from server.validation import Limits
 from tests.server.conftest import random_task
+from trainer.evaluate import _predict as evaluate_predict
 
 VIEWS = ModelSpec("tiny-views", "conv4-omniglot", ways=5, inner_lr=0.2, steps=2, bn_policy="support", hidden=8,
                   adapt_params="head", head_init="proto", support_views="cross2")
@@ -70,3 +71,27 @@ def test_the_row_step_limit_counts_the_views(views_model, make_server):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert ("steps = 2 on 90 support rows (9 support views of each image) costs 180 row-steps, expected at most 100"
             in err.value.details())
+
+
+def test_the_server_averages_the_query_views_as_the_evaluation_does(tmp_path, make_server):
+    spec = VIEWS.with_(name="tiny-qviews", query_views="cross2")
+    (tmp_path / "zoo").mkdir()
+    model = MetaModel(spec, init_params(spec, torch.Generator().manual_seed(7)), provenance={"recipe": "proto-anil"})
+    save_checkpoint(tmp_path / "zoo" / "tiny-qviews.pt", model)
+    server = make_server(model_dir=tmp_path / "zoo")
+    sx, sy, qx = random_task(spec, shots=1, queries=4, seed=8)
+    with FastAdaptClient(server.address, timeout=30) as client:
+        adapted, prediction = client.adapt_and_predict("tiny-qviews", sx, sy, qx)
+        again = client.predict(adapted.adaptation_id, qx)
+        info = client.get_model("tiny-qviews")
+    x = preprocess_uint8(spec, torch.from_numpy(sx))[None]
+    y = torch.from_numpy(sy.astype(np.int64))[None]
+    vx, vy = support_views("cross2", x, y)
+    want = adapt(spec, model.params, vx, vy, spec.steps, spec.inner_lr, adapt_keys=HEAD_KEYS)
+    with torch.no_grad():
+        logits = evaluate_predict(spec, want.params, preprocess_uint8(spec, torch.from_numpy(qx))[None], vx,
+                                  bn_policy="support")[0].numpy()
+    assert prediction.logits.shape == (qx.shape[0], spec.ways)
+    np.testing.assert_allclose(prediction.logits, logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(again.logits, logits, atol=1e-4, rtol=1e-4)
+    assert info["query_views"] == "cross2"

@@ -41,7 +41,8 @@ def test_a_variant_keeps_every_tensor_and_records_its_source(tmp_path, source, c
     assert got.provenance["iterations"] == 123
     assert got.provenance["variant_of"] == {"path": str(path), "name": "tiny-20w1s", "steps": 2, "inner_lr": 0.3,
                                             "bn_policy": "support", "head_init": "meta", "iterations": 123,
-                                            "commit": "abc", "note": "5 shots", "ways": 4, "support_views": "none"}
+                                            "commit": "abc", "note": "5 shots", "ways": 4, "support_views": "none",
+                                               "query_views": "none"}
 
 
 def test_a_variant_with_support_views_adapts_on_them(tmp_path, source, capsys):

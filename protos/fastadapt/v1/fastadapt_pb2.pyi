@@ -167,7 +167,7 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "arch", "ways", "input_shape", "input_dtype", "accepted_dtypes", "default_steps", "default_inner_lr", "learned_inner_lr", "bn_policy", "preprocessing", "provenance", "provenance_json", "num_params", "max_steps", "max_support", "max_queries", "ready", "not_ready_reason", "recipe", "adapt_params", "max_support_steps", "kind", "observation_size", "action_size", "discount", "baseline", "output_size", "action_low", "action_high", "max_trajectories", "max_horizon", "per_step_bn_steps", "head_init", "support_views")
+    __slots__ = ("name", "arch", "ways", "input_shape", "input_dtype", "accepted_dtypes", "default_steps", "default_inner_lr", "learned_inner_lr", "bn_policy", "preprocessing", "provenance", "provenance_json", "num_params", "max_steps", "max_support", "max_queries", "ready", "not_ready_reason", "recipe", "adapt_params", "max_support_steps", "kind", "observation_size", "action_size", "discount", "baseline", "output_size", "action_low", "action_high", "max_trajectories", "max_horizon", "per_step_bn_steps", "head_init", "support_views", "query_views")
     class ProvenanceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class ModelInfo(_message.Message):
     PER_STEP_BN_STEPS_FIELD_NUMBER: _ClassVar[int]
     HEAD_INIT_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VIEWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     arch: str
     ways: int
@@ -245,7 +246,8 @@ class ModelInfo(_message.Message):
     per_step_bn_steps: int
     head_init: str
     support_views: str
-    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., ways: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., default_steps: _Optional[int] = ..., default_inner_lr: _Optional[float] = ..., learned_inner_lr: _Optional[bool] = ..., bn_policy: _Optional[str] = ..., preprocessing: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ..., provenance_json: _Optional[str] = ..., num_params: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_support: _Optional[int] = ..., max_queries: _Optional[int] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ..., recipe: _Optional[str] = ..., adapt_params: _Optional[str] = ..., max_support_steps: _Optional[int] = ..., kind: _Optional[str] = ..., observation_size: _Optional[int] = ..., action_size: _Optional[int] = ..., discount: _Optional[float] = ..., baseline: _Optional[str] = ..., output_size: _Optional[int] = ..., action_low: _Optional[float] = ..., action_high: _Optional[float] = ..., max_trajectories: _Optional[int] = ..., max_horizon: _Optional[int] = ..., per_step_bn_steps: _Optional[int] = ..., head_init: _Optional[str] = ..., support_views: _Optional[str] = ...) -> None: ...
+    query_views: str
+    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., ways: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., default_steps: _Optional[int] = ..., default_inner_lr: _Optional[float] = ..., learned_inner_lr: _Optional[bool] = ..., bn_policy: _Optional[str] = ..., preprocessing: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ..., provenance_json: _Optional[str] = ..., num_params: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_support: _Optional[int] = ..., max_queries: _Optional[int] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ..., recipe: _Optional[str] = ..., adapt_params: _Optional[str] = ..., max_support_steps: _Optional[int] = ..., kind: _Optional[str] = ..., observation_size: _Optional[int] = ..., action_size: _Optional[int] = ..., discount: _Optional[float] = ..., baseline: _Optional[str] = ..., output_size: _Optional[int] = ..., action_low: _Optional[float] = ..., action_high: _Optional[float] = ..., max_trajectories: _Optional[int] = ..., max_horizon: _Optional[int] = ..., per_step_bn_steps: _Optional[int] = ..., head_init: _Optional[str] = ..., support_views: _Optional[str] = ..., query_views: _Optional[str] = ...) -> None: ...
 
 class ExportAdaptedRequest(_message.Message):
     __slots__ = ("adaptation_id",)
