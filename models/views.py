@@ -55,8 +55,7 @@ def support_views(name: str, support_x: torch.Tensor, support_y: torch.Tensor) -
     offsets = _check(name, support_x, "support")
     if len(offsets) == 1:
         return support_x, support_y
-    x = torch.stack(_shifts(support_x, offsets), dim=2).flatten(1, 2)  # [T, S, V, C, H, W] -> [T, S * V, ...]
-    return x, support_y.repeat_interleave(len(offsets), dim=1)
+    return _view_rows(support_x, offsets), support_y.repeat_interleave(len(offsets), dim=1)
 
 
 def query_views(name: str, query_x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +64,12 @@ def query_views(name: str, query_x: torch.Tensor) -> torch.Tensor:
     offsets = _check(name, query_x, "query")
     if len(offsets) == 1:
         return query_x
-    return torch.stack(_shifts(query_x, offsets), dim=2).flatten(1, 2)
+    return _view_rows(query_x, offsets)
+
+
+def _view_rows(x: torch.Tensor, offsets) -> torch.Tensor:
+    """[T, S, C, H, W] -> [T, S * V, C, H, W], row s * V + v view v of row s."""
+    return torch.stack(_shifts(x, offsets), dim=2).flatten(1, 2)  # [T, S, V, C, H, W]
 
 
 def mean_over_views(logits: torch.Tensor, views: int) -> torch.Tensor:

@@ -123,7 +123,7 @@ def _job(service, request, path: str, model, entry, query, keep: bool):
         steps = validation.steps(request, path, model, limits, x.shape[0])
         rows = validation.support_rows(model, path, x.shape[0])
         if query is not None:
-            rows.update(validation.query_rows(model, "", query.shape[0]))
+            rows.update(validation.query_rows(model, query.shape[0]))
         validation.kernel_rows(model, service.runner.max_rows(model), **rows)
         job = AdaptJob(model, x, y, steps, lr, query, keep)
     if entry is not None:
@@ -181,7 +181,7 @@ async def predict(service, request, model, entry, start: float) -> pb.PredictRes
             raise InvalidArgument(f"model {model.name} normalizes queries with a support set's batch-norm statistics "
                                   "(bn_policy 'support'): its meta-initialization has none; expected an adaptation_id "
                                   "from Adapt")
-        validation.kernel_rows(model, service.runner.max_rows(model), **validation.query_rows(model, "", query.shape[0]))
+        validation.kernel_rows(model, service.runner.max_rows(model), **validation.query_rows(model, query.shape[0]))
         job = PredictJob(model, params, None if entry is None else entry.stats, query)
     batched = await service.batcher.submit(job.key, job)
     result = batched.result

@@ -220,6 +220,11 @@ class BatchRunner:
         return query_views(model.spec.query_views, self.to_model_input(model, arrays))
 
     @staticmethod
+    def query_logits(model: MetaModel, out: torch.Tensor) -> np.ndarray:
+        """The engine's logits of `query_input` rows -> float32 [T, Q, ways] on the host, one row per query."""
+        return mean_over_views(out.float(), model.spec.query_view_count).cpu().numpy()
+
+    @staticmethod
     def _preprocess(model: MetaModel, x: torch.Tensor) -> torch.Tensor:
         return preprocess_uint8(model.spec, x) if x.dtype == torch.uint8 else x.float()
 
@@ -242,7 +247,7 @@ class BatchRunner:
             query_x = self.query_input(model, [j.query_x for j in jobs])
             result, out = self.engine.adapt_predict(model, support_x, support_y, query_x, steps=first.steps,
                                                     lr=first.lr, track=True)
-            out = mean_over_views(out.float(), model.spec.query_view_count).cpu().numpy()
+            out = self.query_logits(model, out)
             logits_ok = finite_rows(out)
             logits = {i: out[i] for i in range(len(jobs))}
         else:
@@ -298,7 +303,7 @@ class BatchRunner:
             query_x = self.query_input(model, [jobs[i].query_x for i in rows])
             start = time.perf_counter()
             out = self.engine.predict(model, fast, query_x, stats)
-            out = mean_over_views(out.float(), model.spec.query_view_count).cpu().numpy()
+            out = self.query_logits(model, out)
             ok = finite_rows(out)
             seconds = time.perf_counter() - start
             for j, i in enumerate(rows):
@@ -314,7 +319,7 @@ class BatchRunner:
         query_x = self.query_input(model, [j.query_x for j in jobs])
         start = time.perf_counter()
         out = self.engine.predict(model, fast, query_x, stats)
-        out = mean_over_views(out.float(), model.spec.query_view_count).cpu().numpy()
+        out = self.query_logits(model, out)
         ok = finite_rows(out)
         seconds = time.perf_counter() - start
         return [PredictOutcome(out[i], seconds) if ok[i] else non_finite_logits(model) for i in range(len(jobs))]

@@ -66,7 +66,7 @@ class FastAdaptService(pb_grpc.FastAdaptServicer):
         if entry is None or kinds.model_kind(model) != "classifier":
             return await kinds.predict(self, request, model, entry, start)
         query = validation.images(request, "query_x", "query_x", model, "Q", self.limits.max_queries)
-        validation.kernel_rows(model, self.runner.max_rows(model), **validation.query_rows(model, "", query.shape[0]))
+        validation.kernel_rows(model, self.runner.max_rows(model), **validation.query_rows(model, query.shape[0]))
         job = PredictJob(model, entry.params, entry.stats, query)
         batched = await self.batcher.submit(job.key, job)
         timings = pb.Timings(
@@ -89,7 +89,7 @@ class FastAdaptService(pb_grpc.FastAdaptServicer):
         job = self._adapt_job(request.adapt, "adapt.", query=query, keep=not request.skip_cache)
         validation.kernel_rows(model, self.runner.max_rows(model),
                                **validation.support_rows(model, "adapt.", job.support_x.shape[0]),
-                               **validation.query_rows(model, "", query.shape[0]))
+                               **validation.query_rows(model, query.shape[0]))
         batched = await self.batcher.submit(job.key, job)
         adapted, timings = await self._adapt_response(job, batched, start)
         return pb.AdaptAndPredictResponse(adapt=adapted, predict=self._predict_response(batched.result.logits, timings))

@@ -118,10 +118,10 @@ def support_rows(model: MetaModel, path: str, rows: int) -> dict[str, int]:
     return {f"{path}support_x": rows} if views == 1 else {f"{path}support_x x {views} support views": rows * views}
 
 
-def query_rows(model: MetaModel, path: str, rows: int) -> dict[str, int]:
+def query_rows(model: MetaModel, rows: int) -> dict[str, int]:
     """The query rows predict forwards, for kernel_rows: Q, times the model's query views (models.views)."""
     views = model.spec.query_view_count
-    return {f"{path}query_x": rows} if views == 1 else {f"{path}query_x x {views} query views": rows * views}
+    return {"query_x": rows} if views == 1 else {f"query_x x {views} query views": rows * views}
 
 
 def kernel_rows(model: MetaModel, max_rows: int | None, **rows: int) -> None:
