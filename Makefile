@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 # Extra arguments for `make serve` / `make demo`, e.g. `make serve ARGS="--port 50052 --backend triton"`.
 ARGS ?=
 
-.PHONY: setup data test test-fast lint demo serve loadtest protos bench bench-recipes predict-cost train-omniglot train-omniglot-20w gpu-check clean
+.PHONY: setup data test test-fast lint demo serve loadtest protos bench bench-recipes bench-workspace predict-cost train-omniglot train-omniglot-20w gpu-check clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,10 @@ bench: setup
 MAML_20W ?= docs/results/omniglot-20w1s-background/maml.pt
 bench-recipes: setup
 	$(PY) -m kernels.bench.recipes $(MAML_20W) models/zoo/omniglot-20w1s.pt --out $(RESULTS)/bench-recipes
+
+# The CPU reference backend's AdaptAndPredict at several workspace budgets (the chunk size; kernels/engine/chunking.py).
+bench-workspace: setup
+	$(PY) -m kernels.bench.workspace models/zoo/omniglot-5w1s.pt --out $(RESULTS)/bench-workspace $(ARGS)
 
 # One-image Predict on 1-shot vs 5-shot adaptations: stored support statistics vs the support rows re-forwarded.
 predict-cost: setup

@@ -1,8 +1,9 @@
 """The bundled 5-shot models (`omniglot-5w5s`, `omniglot-20w5s`) are variants of the 1-shot models (`models.variant`:
 the same tensors and head start, 10 head steps by default; docs/results/omniglot-5w5s-from-20w/ and omniglot-20w5s/):
 served over loopback on real 5-shot tasks of new Omniglot alphabets, each adapts the head alone for its 10 default
-steps and predicts on its query views exactly as the in-process reference does, and answers far above chance. `omniglot-5w1s` is the 20-way
-Proto-ANIL body served for 5-way tasks (`--ways 5`: docs/results/omniglot-5w1s-from-20w/)."""
+steps and predicts on its query views exactly as the in-process reference does, and answers far above chance.
+`omniglot-5w1s` is the 20-way Proto-ANIL body served for 5-way tasks (`--ways 5`:
+docs/results/omniglot-5w1s-from-20w/)."""
 
 from __future__ import annotations
 

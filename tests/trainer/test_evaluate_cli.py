@@ -76,8 +76,8 @@ def test_random_tasks_reproduce_the_trainers_meta_test_with_the_checkpoints_reci
                     "--data-root", str(omniglot_root)]) == 0
     got = json.loads((out / "results.json").read_text())
     assert got["chunk"] == 8 and got["data"]["source"] == "the checkpoint's provenance" and got["notices"] == []
-    assert got["recipe"] == {"adapt_params": "head", "head_init": "meta", "support_views": "none", "query_views": "none",
-                             "lr": "LSLR per step"}
+    assert got["recipe"] == {"adapt_params": "head", "head_init": "meta", "support_views": "none",
+                             "query_views": "none", "lr": "LSLR per step"}
     assert got["iterations"] == 7
     from models.checkpoint import load_checkpoint
 
