@@ -21,3 +21,6 @@ run omniglot-5w1s 3 --within-alphabet
 # to 10 steps)
 STEPS0=1 run omniglot-5w5s 0 --shots 5 --queries 5
 STEPS0=1 run omniglot-20w5s 0 --shots 5
+# the 5-shot models at their serving step count (10), as bundled with query views (2026-12-07, the next session)
+run omniglot-5w5s 10 --shots 5 --queries 5
+run omniglot-20w5s 10 --shots 5
