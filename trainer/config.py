@@ -42,6 +42,9 @@ class TrainConfig:
     # Each of a character's four rotations a class of its own in meta-training (Vinyals et al. 2016, Snell et al. 2017:
     # 4x the classes, and a task may hold a character beside its rotation); needs rotate, random tasks only.
     rotation_classes: bool = False
+    # Augmentation in meta-training: every train image moved by its own random (dy, dx) in [-s, s]^2 pixels, edge
+    # pixels repeated (trainer.data.sampler, shift); 0 = none. Validation and the meta-test are unchanged.
+    train_shift: int = 0
     # Views of every support image the inner loop adapts on (models.views: none, cross2), in meta-training, validation
     # and the meta-test; the checkpoint's spec carries them, so the server adapts the same way.
     support_views: str = "none"
@@ -274,6 +277,10 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argpar
         parser.error(f"--rotation_classes true with --rotate {cfg.rotate}, --train_within_alphabet "
                      f"{cfg.train_within_alphabet} on {cfg.dataset}: expected --rotate true, random tasks "
                      "(--train_within_alphabet 0) on omniglot")
+    if cfg.train_shift and (cfg.dataset != "omniglot" or not cfg.arch.startswith("conv4")
+                            or not 0 < cfg.train_shift <= 4):
+        parser.error(f"--train_shift {cfg.train_shift} with {cfg.dataset} / {cfg.arch}: expected 0, or 1-4 pixels "
+                     "for an Omniglot conv4 model")
     if cfg.support_views not in SUPPORT_VIEWS:
         parser.error(f"--support_views {cfg.support_views!r}, expected one of {', '.join(SUPPORT_VIEWS)}")
     if cfg.support_views != "none" and cfg.arch not in VIEW_ARCHS:

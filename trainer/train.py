@@ -51,7 +51,8 @@ def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
                  "val": lambda: SinusoidSampler(cfg.shots, cfg.eval_queries, seed=VAL_SEED, device=device),
                  "test": lambda: SinusoidSampler(cfg.shots, cfg.eval_queries, seed=TEST_SEED, device=device)},
                 {"dataset": "sinusoid"})
-    task_kind: dict = {}  # the train sampler's task kind: --train_within_alphabet (labels, share), --rotation_classes
+    task_kind: dict = {}  # the train sampler's task kind: --train_within_alphabet (labels, share), --rotation_classes,
+    # --train_shift
     if cfg.dataset == "omniglot":
         from trainer.data.omniglot import load_omniglot, omniglot_split, omniglot_split_alphabets, split_info
         from trainer.data.sampler import omniglot_sampler as make
@@ -64,6 +65,8 @@ def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
         if cfg.train_within_alphabet > 0:
             task_kind = {"alphabets": omniglot_split_alphabets(data, cfg.split, 0, cfg.val_classes)["train"],
                       "within_alphabet": True, "within_fraction": cfg.train_within_alphabet}
+        if cfg.train_shift:
+            task_kind["shift"] = cfg.train_shift
     elif cfg.dataset == "miniimagenet":
         from trainer.data.miniimagenet import load_miniimagenet
         from trainer.data.miniimagenet import miniimagenet_sampler as make

@@ -214,3 +214,28 @@ def test_rotation_classes_draw_distinct_character_rotation_pairs():
     assert wide.sample(2).classes.shape == (2, 40)
     with pytest.raises(ValueError, match="rotation_classes=True with rotate=False"):
         TaskSampler(images, ways=4, shots=1, queries=1, rotation_classes=True)
+
+
+def test_shift_moves_every_image_of_the_same_batch_by_its_own_offset():
+    """shift=2: the batch holds the images the unshifted sampler draws for the seed, each one equal to
+    models.views.shifted of it by some (dy, dx) in [-2, 2]^2, with offsets that differ between images."""
+    from models.views import shifted
+
+    images = tagged_images(seed=3)
+    plain, moved = (TaskSampler(images, 5, 2, 3, seed=11, shift=s).sample(8) for s in (0, 2))
+    assert torch.equal(plain.classes, moved.classes) and torch.equal(plain.query_index, moved.query_index)
+    offsets = set()
+    for which in ("support_x", "query_x"):
+        src, got = getattr(plain, which).flatten(0, 1), getattr(moved, which).flatten(0, 1)
+        for a, b in zip(src, got):
+            found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(shifted(a, dy, dx), b)]
+            assert found, "an image that is no shift of its source"
+            offsets.add(found[0])
+    assert len(offsets) > 10  # 200 images over 25 offsets: every image draws its own
+    assert "shifts up to 2 px" in repr(TaskSampler(images, 5, 1, 1, shift=2))
+
+
+@pytest.mark.parametrize("shift", [-1, 6, 1.5, True])
+def test_a_shift_outside_the_image_is_refused(shift):
+    with pytest.raises(ValueError, match=r"shift=.*, expected whole pixels in \[0, 5\]"):
+        TaskSampler(tagged_images(), 5, 1, 1, shift=shift)

@@ -320,3 +320,17 @@ def test_rotation_classes_train_on_character_rotation_pairs_and_bad_combinations
         with pytest.raises(SystemExit) as exc:
             config_from_args(["omniglot-20w1s", *argv])
         assert exc.value.code == 2 and "expected --rotate true, random tasks" in capsys.readouterr().err
+
+
+def test_train_shift_augments_the_train_tasks_alone_and_bad_values_are_refused(tmp_path, capsys):
+    cfg = _omniglot_cfg(tmp_path, "proto-anil", train_shift=2, iterations=2, hidden=8, meta_batch=8,
+                        log_every=2, val_every=2, checkpoint_every=2, final_eval=False)
+    trainer = Trainer(cfg)
+    assert trainer.samplers["train"].shift == 2 and trainer.samplers["test"]().shift == 0
+    trainer.train()
+    assert trainer.provenance()["config"]["train_shift"] == 2
+    for argv in (["omniglot-20w1s", "--train_shift", "5"], ["sinusoid", "--train_shift", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            config_from_args(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "expected 0, or 1-4 pixels for an Omniglot conv4 model" in err

@@ -18,6 +18,11 @@ for those).
 `rotation_classes=True` (with rotate) makes each of a character's four rotations a class of its own, as Vinyals et al.
 2016 and Snell et al. 2017 train on Omniglot: a task's N classes come from 4 x n_classes, so one task may hold a
 character and its rotation as two classes (random tasks only).
+
+`shift=s` (meta-training augmentation) moves every drawn image by its own random (dy, dx) in [-s, s]^2 pixels, edge
+pixels repeated (as `models.views.shifted`): new drawings of the same characters each batch. The offsets are drawn
+after the classes and examples, so a batch holds the same images as without the shift, each moved; s = 0 draws
+nothing, and a run without it samples exactly as before.
 """
 
 from __future__ import annotations
@@ -164,6 +169,7 @@ class TaskSampler(GeneratorState):
     within_fraction: with within_alphabet=True, the share of each batch's tasks drawn within one alphabet (the first
     round(within_fraction * T)); the rest are random tasks. 1.0 (default): all of them.
     rotation_classes: with rotate=True, draw each task's classes from the 4 x n_classes (character, rotation) pairs.
+    shift: move every image by a random (dy, dx) in [-shift, shift]^2 pixels (augmentation; 0: none).
     """
 
     def __init__(
@@ -180,6 +186,7 @@ class TaskSampler(GeneratorState):
         within_alphabet: bool = False,
         within_fraction: float = 1.0,
         rotation_classes: bool = False,
+        shift: int = 0,
     ):
         super().__init__(seed, device)
         data = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
@@ -203,6 +210,9 @@ class TaskSampler(GeneratorState):
                 f"shots + queries = {shots} + {queries} = {shots + queries} examples per class, "
                 f"but the images hold only {n_per_class} per class"
             )
+        if isinstance(shift, bool) or not isinstance(shift, int | np.integer) or not 0 <= shift < min(data.shape[-2:]):
+            raise ValueError(f"shift={shift!r}, expected whole pixels in [0, {min(data.shape[-2:]) - 1}]")
+        self.shift = int(shift)
         self.rotate = bool(rotate)
         if self.rotate and data.shape[-1] != data.shape[-2]:
             raise ValueError(f"rotate=True needs square images, got H x W = {data.shape[-2]} x {data.shape[-1]}")
@@ -268,6 +278,19 @@ class TaskSampler(GeneratorState):
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         return self.preprocess(self._rows.index_select(0, rows))
 
+    def _shifted(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, C, H, W], each image moved by its own random (dy, dx) in [-shift, shift]^2, edge pixels repeated: one
+        replicate padding, then one gather of every image's H x W window."""
+        s, (m, _, h, w) = self.shift, x.shape
+        if m == 0:
+            return x
+        offsets = torch.randint(0, 2 * s + 1, (m, 2), generator=self.generator, device=self.device)  # s - (dy, dx)
+        padded = torch.nn.functional.pad(x, (s, s, s, s), mode="replicate")  # [M, C, H + 2s, W + 2s]
+        rows = offsets[:, 0, None] + torch.arange(h, device=self.device)  # [M, H]
+        cols = offsets[:, 1, None] + torch.arange(w, device=self.device)  # [M, W]
+        index = torch.arange(m, device=self.device)[:, None, None]
+        return padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
     def sample(self, tasks: int) -> TaskBatch:
         tasks = check_count("tasks", tasks, 1)
         n, k, q = self.ways, self.shots, self.queries
@@ -298,10 +321,13 @@ class TaskSampler(GeneratorState):
         rows = (rotations[..., None] * self.n_classes + classes[..., None]) * self.n_per_class + examples
         support_rows, query_rows = rows[:, :, :k].reshape(-1), rows[:, :, k:].reshape(-1)
         self.tasks_sampled += tasks
+        support_x, query_x = self._gather(support_rows), self._gather(query_rows)
+        if self.shift:
+            support_x, query_x = self._shifted(support_x), self._shifted(query_x)
         return TaskBatch(
-            support_x=self._gather(support_rows).reshape(tasks, n * k, *self.example_shape),
+            support_x=support_x.reshape(tasks, n * k, *self.example_shape),
             support_y=self._support_y.expand(tasks, n * k).contiguous(),
-            query_x=self._gather(query_rows).reshape(tasks, n * q, *self.example_shape),
+            query_x=query_x.reshape(tasks, n * q, *self.example_shape),
             query_y=self._query_y.expand(tasks, n * q).contiguous(),
             classes=classes,
             support_index=examples[:, :, :k].reshape(tasks, n * k),
@@ -316,18 +342,19 @@ class TaskSampler(GeneratorState):
             f"shots={self.shots}, queries={self.queries}, rotate={self.rotate}, seed={self.seed}, device={self.device}"
             + (f", within {len(self.alphabet_names)} alphabets" if self.within_alphabet else "")
             + (f" for {self.within_fraction:g} of each batch" if self.within_alphabet and self.within_fraction < 1
-               else "") + (", rotations as classes" if self.rotation_classes else "") + ")"
+               else "") + (", rotations as classes" if self.rotation_classes else "")
+            + (f", shifts up to {self.shift} px" if self.shift else "") + ")"
         )
 
 
 def omniglot_sampler(split_images, ways: int, shots: int, queries: int, rotate: bool = False, seed: int = 0,
                      device: str | torch.device = "cpu", alphabets: Sequence[str] | None = None,
                      within_alphabet: bool = False, within_fraction: float = 1.0,
-                     rotation_classes: bool = False) -> TaskSampler:
+                     rotation_classes: bool = False, shift: int = 0) -> TaskSampler:
     """A sampler over one Omniglot split (uint8 [n, 20, 28, 28]) with the Omniglot preprocessing 1 - x/255.
 
     alphabets: the alphabet of each class of the split (`omniglot_split_alphabets`), for within_alphabet=True."""
     return TaskSampler(split_images, ways, shots, queries, rotate=rotate, seed=seed, device=device,
                        preprocess=invert_uint8, alphabets=alphabets, within_alphabet=within_alphabet,
-                       within_fraction=within_fraction, rotation_classes=rotation_classes)
+                       within_fraction=within_fraction, rotation_classes=rotation_classes, shift=shift)
 
