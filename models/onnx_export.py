@@ -6,7 +6,10 @@ initializers. Batch norm is explicit arithmetic, following the model's batch-nor
 - `support`: the support set's per-channel mean and variance at every layer become constants, so a query's logits do
   not depend on the other queries (as models.maml.predict with the support set);
 - `transductive`: mean and (biased) variance of the forwarded batch, computed with ReduceMean.
-Opset 17, IR version 8, so any onnxruntime from 1.14 on runs it.
+A model with query views (`ModelSpec.query_views`, models.views) predicts as the server does: the graph pads the
+input by repeating its edge pixels, slices every shifted view of each query, forwards all V x Q rows at once and
+returns each query's mean logits over its views (the `transductive` policy's statistics are those of all V x Q rows,
+as the server's). Opset 17, IR version 8, so any onnxruntime from 1.14 on runs it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from models.functional import BN_EPS, MLP_OMNIGLOT_HIDDEN, MLP_SINUSOID_HIDDEN, bn_layers, param_shapes
-from models.spec import ModelSpec
+from models.spec import SUPPORT_VIEWS, ModelSpec
 
 OPSET = 17
 IR_VERSION = 8
@@ -40,6 +43,10 @@ class _Graph:
     def const(self, name: str, value) -> str:
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+    def const_int64(self, name: str, values) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
         return name
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
@@ -93,9 +100,25 @@ def _mlp_support_stats(params, support_x: torch.Tensor) -> list[tuple[torch.Tens
     return stats
 
 
+def _query_views(g: _Graph, spec: ModelSpec) -> str:
+    """INPUT_NAME [Q, C, H, W] -> [V * Q, C, H, W], row v * Q + q view v of query q: one edge padding, a slice per
+    shift (models.views._shifts in ONNX ops)."""
+    offsets = SUPPORT_VIEWS[spec.query_views]
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    _, h, w = spec.input_shape
+    padded = g.op("Pad", INPUT_NAME, g.const_int64("views.pads", [0, 0, pad, pad, 0, 0, pad, pad]), mode="edge")
+    axes = g.const_int64("views.axes", [2, 3])
+    views = []
+    for v, (dy, dx) in enumerate(offsets):
+        starts = g.const_int64(f"views.{v}.starts", [pad - dy, pad - dx])
+        ends = g.const_int64(f"views.{v}.ends", [pad - dy + h, pad - dx + w])
+        views.append(g.op("Slice", padded, starts, ends, axes))
+    return g.op("Concat", *views, axis=0)
+
+
 def _conv4(g: _Graph, spec: ModelSpec, params, stats) -> str:
     omniglot = spec.arch == "conv4-omniglot"
-    h = INPUT_NAME
+    h = _query_views(g, spec) if spec.query_view_count > 1 else INPUT_NAME
     for i in range(4):
         w, b = g.const(f"conv{i}.weight", params[f"conv{i}.weight"]), g.const(f"conv{i}.bias", params[f"conv{i}.bias"])
         stride = 2 if omniglot else 1
@@ -134,7 +157,8 @@ def export_onnx(
 
     params: fast weights without task axis (or with a task axis of 1). For the `support` batch-norm policy either
     stats (the adaptation's stored statistics {bn{i}.mean, bn{i}.var} [C], as the server keeps them) or support_x
-    (the task's preprocessed support set [N*K, *input_shape], from which they are computed). For `running`, stats:
+    (the task's preprocessed support set [N*K, *input_shape], with its support views if the model has them, from
+    which they are computed). For `running`, stats:
     the last entry (the final step's) of the checkpoint's running statistics, [C] per layer. bn_policy overrides
     spec.bn_policy.
     metadata: extra metadata_props (e.g. the adaptation id); the model's preprocessing is always written.
@@ -174,7 +198,13 @@ def export_onnx(
     g = _Graph()
     feats = _conv4(g, spec, params, stats) if spec.arch.startswith("conv4") else _mlp(g, spec, params, stats)
     head_w, head_b = g.const("head.weight", params["head.weight"]), g.const("head.bias", params["head.bias"])
-    g.op("Gemm", feats, head_w, head_b, transB=1, out=OUTPUT_NAME)
+    views = spec.query_view_count
+    if views > 1:  # [V * Q, ways] view-major -> each query's mean over its views
+        logits = g.op("Gemm", feats, head_w, head_b, transB=1)
+        by_view = g.op("Reshape", logits, g.const_int64("views.shape", [views, -1, spec.ways]))
+        g.op("ReduceMean", by_view, axes=[0], keepdims=0, out=OUTPUT_NAME)
+    else:
+        g.op("Gemm", feats, head_w, head_b, transB=1, out=OUTPUT_NAME)
     g.op("Softmax", OUTPUT_NAME, axis=1, out=PROBABILITIES_NAME)
 
     graph = helper.make_graph(
@@ -194,7 +224,8 @@ def export_onnx(
     model.doc_string = (
         f"fastadapt adapted network of model {spec.name} ({spec.arch}, {spec.ways}-way, batch-norm policy {policy}). "
         f"Input '{INPUT_NAME}': float32 [Q, {shape}], preprocessed: {spec.preprocessing}. "
-        f"Outputs '{OUTPUT_NAME}' and '{PROBABILITIES_NAME}': float32 [Q, {spec.ways}]."
+        f"Outputs '{OUTPUT_NAME}' and '{PROBABILITIES_NAME}': float32 [Q, {spec.ways}]"
+        + (f", each query's mean over its {views} views ({spec.query_views})." if views > 1 else ".")
     )
     props = {
         "fastadapt.model": spec.name,
@@ -203,6 +234,7 @@ def export_onnx(
         "fastadapt.bn_policy": policy,
         "fastadapt.input": f"{INPUT_NAME}: float32 [Q, {shape}], preprocessed (see fastadapt.preprocessing)",
         "fastadapt.preprocessing": spec.preprocessing,
+        "fastadapt.query_views": spec.query_views,
         "fastadapt.spec": json.dumps(spec.to_dict(), sort_keys=True),
         **{str(k): str(v) for k, v in (metadata or {}).items()},
     }

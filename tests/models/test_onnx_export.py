@@ -12,6 +12,7 @@ from models.functional import BN_EPS, init_params
 from models.maml import adapt, predict
 from models.onnx_export import INPUT_NAME, OUTPUT_NAME, PROBABILITIES_NAME, export_onnx
 from models.spec import ModelSpec
+from models.views import mean_over_views, query_views
 
 CASES = [
     ("conv4-omniglot", 8, "support"),
@@ -105,3 +106,21 @@ def test_wrong_parameter_shape_is_refused_by_name():
     params["head.weight"] = params["head.weight"][:3]
     with pytest.raises(ValueError, match=r"params\['head.weight'\] is \[3, 8\], expected \[5, 8\]"):
         export_onnx(spec, params, support_x=support_x[0])
+
+
+@pytest.mark.parametrize("arch,hidden,policy", [("conv4-omniglot", 8, "support"), ("conv4-omniglot", 8, "transductive"),
+                                                ("conv4-miniimagenet", 4, "support")])
+def test_query_views_average_the_logits_of_every_shifted_view(arch, hidden, policy):
+    spec, fast, support_x, query_x = adapted_task(arch, hidden, policy)
+    spec = spec.with_(query_views="cross2")
+    views = query_views("cross2", query_x)  # [1, Q * 9, ...], the server's rows
+    expected = mean_over_views(predict(spec, fast, views, support_x), 9)[0]
+    model = export_onnx(spec, {k: v[0] for k, v in fast.items()}, support_x=support_x[0])
+    logits, probabilities = run_onnx(model, query_x[0])
+    assert logits.shape == (query_x.shape[1], spec.ways)
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(probabilities, torch.softmax(expected, -1).numpy(), atol=1e-5, rtol=0)
+    plain = predict(spec.with_(query_views="none"), fast, query_x, support_x)[0]
+    assert (plain - expected).abs().max() > 1e-3, "the views must change the logits, or the check is vacuous"
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["fastadapt.query_views"] == "cross2"

@@ -1,12 +1,13 @@
 """A model with support views (models.views) is served as its spec says: the server adapts on every support image and
 its shifts, its predictions equal the in-process adapt and predict on that extended set (support batch-norm
-statistics included), a later Predict reuses those statistics, GetModel names the views, and the row-step limit
-counts the rows adapt forwards."""
+statistics included), a later Predict reuses those statistics, GetModel names the views, the row-step limit counts
+the rows adapt forwards, and an exported ONNX adaptation predicts on the query views as the server does."""
 
 from __future__ import annotations
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -84,6 +85,7 @@ def test_the_server_averages_the_query_views_as_the_evaluation_does(tmp_path, ma
         adapted, prediction = client.adapt_and_predict("tiny-qviews", sx, sy, qx)
         again = client.predict(adapted.adaptation_id, qx)
         info = client.get_model("tiny-qviews")
+        exported = client.export_adapted(adapted.adaptation_id)
     x = preprocess_uint8(spec, torch.from_numpy(sx))[None]
     y = torch.from_numpy(sy.astype(np.int64))[None]
     vx, vy = support_views("cross2", x, y)
@@ -95,3 +97,7 @@ def test_the_server_averages_the_query_views_as_the_evaluation_does(tmp_path, ma
     np.testing.assert_allclose(prediction.logits, logits, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(again.logits, logits, atol=1e-4, rtol=1e-4)
     assert info["query_views"] == "cross2"
+    # the exported ONNX adaptation averages over the same views in onnxruntime
+    session = ort.InferenceSession(exported, providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(["logits"], {"x": preprocess_uint8(spec, torch.from_numpy(qx)).numpy()})
+    np.testing.assert_allclose(onnx_logits, logits, atol=1e-4, rtol=1e-4)
