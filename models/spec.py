@@ -117,7 +117,7 @@ class ModelSpec:
         return (policy or self.bn_policy) == "running" and self.has_batch_norm
 
     @property
-    def views(self) -> int:
+    def support_view_count(self) -> int:
         """Rows adapt sees per support row (1 without support views)."""
         return len(SUPPORT_VIEWS[self.support_views])
 

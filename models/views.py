@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from models.spec import SUPPORT_VIEWS, VIEW_ARCHS
 
-__all__ = ["SUPPORT_VIEWS", "VIEW_ARCHS", "mean_over_views", "query_views", "shifted", "support_views"]
+__all__ = ["SUPPORT_VIEWS", "VIEW_ARCHS", "mean_over_views", "predict_on_views", "query_views", "shifted",
+           "support_views"]
 
 
 def _shifts(x: torch.Tensor, offsets) -> list[torch.Tensor]:
@@ -80,3 +81,13 @@ def mean_over_views(logits: torch.Tensor, views: int) -> torch.Tensor:
     if rows % views:
         raise ValueError(f"{rows} logit rows per task, expected a multiple of the {views} query views")
     return logits.reshape(t, rows // views, views, *logits.shape[2:]).mean(2)
+
+
+def predict_on_views(spec, fast, query_x: torch.Tensor, support_x: torch.Tensor | None = None,
+                     **kwargs) -> torch.Tensor:
+    """models.maml.predict under the model's query views, as the server predicts: query_x [T, Q, ...] -> logits
+    [T, Q, ways], each query's the mean of its views' (plain predict without query views). kwargs go to predict."""
+    from models.maml import predict  # models.maml stays free of the views
+
+    out = predict(spec, fast, query_views(spec.query_views, query_x), support_x, **kwargs)
+    return mean_over_views(out, spec.query_view_count)

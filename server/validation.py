@@ -114,7 +114,7 @@ def support_set(request, path: str, model: MetaModel, limits: Limits) -> tuple[n
 
 def support_rows(model: MetaModel, path: str, rows: int) -> dict[str, int]:
     """The support rows adapt forwards, for kernel_rows: N*K, times the model's support views (models.views)."""
-    views = model.spec.views
+    views = model.spec.support_view_count
     return {f"{path}support_x": rows} if views == 1 else {f"{path}support_x x {views} support views": rows * views}
 
 
@@ -137,7 +137,8 @@ def kernel_rows(model: MetaModel, max_rows: int | None, **rows: int) -> None:
 def steps(request, path: str, model: MetaModel, limits: Limits, support_rows: int = 1) -> int:
     """The request's inner steps (0: the model's default), refused past max_steps or past max_support_steps row-steps
     over the rows adapt forwards: `support_rows` (N*K) times the model's support views."""
-    support_rows *= model.spec.views
+    views = model.spec.support_view_count
+    support_rows *= views
     value = request.steps
     if not 0 <= value <= limits.max_steps:
         raise InvalidArgument(
@@ -147,7 +148,7 @@ def steps(request, path: str, model: MetaModel, limits: Limits, support_rows: in
     if support_rows * value > limits.max_support_steps:
         raise InvalidArgument(
             f"{path}steps = {value} on {support_rows} support rows"
-            f"{f' ({model.spec.views} support views of each image)' if model.spec.views > 1 else ''} costs "
+            f"{f' ({views} support views of each image)' if views > 1 else ''} costs "
             f"{support_rows * value} row-steps, expected at "
             f"most {limits.max_support_steps} (--max-support-steps): fewer steps or a smaller support set"
         )

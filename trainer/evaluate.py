@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from models.functional import stack_params, step_row
-from models.maml import adapt, predict
+from models.maml import adapt
 from models.spec import SUPPORT_VIEWS, ModelSpec
-from models.views import mean_over_views, query_views, support_views
+from models.views import predict_on_views, support_views
 
 POLICIES = ("transductive", "support", "running")  # running: only for models with bn_running
 
@@ -99,10 +99,10 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
         for s in range(steps + 1):
             with torch.no_grad():
                 for p in batch_policies:
-                    out = _predict(spec, fast, b.query_x, sx, bn_policy=p)
+                    out = predict_on_views(spec, fast, b.query_x, sx, bn_policy=p)
                     per_task[p][s].append(_query_metric(spec, out, b.query_y).cpu())
                 if fast_running is not None:
-                    out = _predict(spec, fast_running, b.query_x, bn_policy="running", bn_running=bn_running)
+                    out = predict_on_views(spec, fast_running, b.query_x, bn_policy="running", bn_running=bn_running)
                     per_task["running"][s].append(_query_metric(spec, out, b.query_y).cpu())
             if s == steps:
                 break
@@ -126,13 +126,6 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
             "ci95": [1.96 * v.std(unbiased=False).item() / math.sqrt(len(v)) for v in values],
         }
     return result
-
-
-def _predict(spec: ModelSpec, fast, query_x, support_x=None, **kwargs):
-    """models.maml.predict under the model's query views (models.views), as the server predicts: each query's
-    logits are the mean of its views'."""
-    out = predict(spec, fast, query_views(spec.query_views, query_x), support_x, **kwargs)
-    return mean_over_views(out, spec.query_view_count)
 
 
 def results_markdown(name: str, result: dict, report_steps=(0, 1, 3, 5, 10)) -> str:

@@ -14,8 +14,7 @@ from models.checkpoint import MetaModel, load_checkpoint, save_checkpoint
 from models.functional import adapted_keys, body_features, init_params, stack_params
 from models.maml import adapt, predict
 from models.spec import SUPPORT_VIEWS, ModelSpec
-from models.views import mean_over_views, query_views, shifted, support_views
-from trainer.evaluate import _predict as evaluate_predict
+from models.views import mean_over_views, predict_on_views, query_views, shifted, support_views
 from trainer.evaluate import evaluate
 
 SPEC = ModelSpec("tiny-views", "conv4-omniglot", ways=4, inner_lr=0.3, steps=2, hidden=8, input_shape=(1, 12, 12),
@@ -101,10 +100,10 @@ def test_the_evaluation_adapts_on_the_views_as_the_server_does():
 def test_the_spec_keeps_its_views_and_old_specs_have_none(tmp_path):
     params = init_params(SPEC, torch.Generator().manual_seed(4))
     save_checkpoint(tmp_path / "m.pt", MetaModel(SPEC, params))
-    assert load_checkpoint(tmp_path / "m.pt").spec.support_views == "cross2" and SPEC.views == 9
+    assert load_checkpoint(tmp_path / "m.pt").spec.support_views == "cross2" and SPEC.support_view_count == 9
     old = SPEC.to_dict()
     del old["support_views"]
-    assert ModelSpec.from_dict(old).support_views == "none" and ModelSpec.from_dict(old).views == 1
+    assert ModelSpec.from_dict(old).support_views == "none" and ModelSpec.from_dict(old).support_view_count == 1
 
 
 def test_bad_views_are_refused_naming_the_value():
@@ -134,7 +133,7 @@ def test_query_views_average_the_logits_of_each_query_and_its_shifts():
     vx, vy = support_views("cross2", sx, sy)
     fast = adapt(spec, params, vx, vy, 1, spec.inner_lr, adapt_keys=adapted_keys(spec, "head")).params
     with torch.no_grad():
-        got = evaluate_predict(spec, fast, qx, vx, bn_policy="support")
+        got = predict_on_views(spec, fast, qx, vx, bn_policy="support")
         each = torch.stack([predict(spec, fast, shifted(qx, dy, dx), vx, bn_policy="support")
                             for dy, dx in SUPPORT_VIEWS["cross2"]]).mean(0)
         plain = predict(spec, fast, qx, vx, bn_policy="support")

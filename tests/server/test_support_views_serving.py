@@ -16,11 +16,10 @@ from models.functional import HEAD_KEYS, init_params
 from models.maml import adapt, adaptation_stats, predict
 from models.preprocess import preprocess_uint8
 from models.spec import ModelSpec
-from models.views import support_views
+from models.views import predict_on_views, support_views
 from server.client import FastAdaptClient
 from server.validation import Limits
 from tests.server.conftest import random_task
-from trainer.evaluate import _predict as evaluate_predict
 
 VIEWS = ModelSpec("tiny-views", "conv4-omniglot", ways=5, inner_lr=0.2, steps=2, bn_policy="support", hidden=8,
                   adapt_params="head", head_init="proto", support_views="cross2")
@@ -91,7 +90,7 @@ def test_the_server_averages_the_query_views_as_the_evaluation_does(tmp_path, ma
     vx, vy = support_views("cross2", x, y)
     want = adapt(spec, model.params, vx, vy, spec.steps, spec.inner_lr, adapt_keys=HEAD_KEYS)
     with torch.no_grad():
-        logits = evaluate_predict(spec, want.params, preprocess_uint8(spec, torch.from_numpy(qx))[None], vx,
+        logits = predict_on_views(spec, want.params, preprocess_uint8(spec, torch.from_numpy(qx))[None], vx,
                                   bn_policy="support")[0].numpy()
     assert prediction.logits.shape == (qx.shape[0], spec.ways)
     np.testing.assert_allclose(prediction.logits, logits, atol=1e-4, rtol=1e-4)

@@ -51,7 +51,7 @@ def test_a_variant_with_support_views_adapts_on_them(tmp_path, source, capsys):
     assert main([str(path), "--name", "tiny-views", "--support-views", "cross2", "--out", str(out)]) == 0
     assert "support views cross2" in capsys.readouterr().out
     got = load_checkpoint(out)
-    assert got.spec == SOURCE.with_(name="tiny-views", support_views="cross2") and got.spec.views == 9
+    assert got.spec == SOURCE.with_(name="tiny-views", support_views="cross2") and got.spec.support_view_count == 9
     assert got.provenance["variant_of"]["support_views"] == "none"
 
 

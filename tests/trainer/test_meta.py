@@ -181,7 +181,7 @@ def test_support_views_in_meta_training_adapt_on_the_extended_support_set(capsys
 
     cfg = dataclasses.replace(CFG, recipe="proto-anil", adapt_params="head", head_init="proto", support_views="cross2")
     with_views = learner(cfg)
-    assert with_views.spec.support_views == "cross2" and model_spec(cfg).views == 9
+    assert with_views.spec.support_views == "cross2" and model_spec(cfg).support_view_count == 9
     sx, sy, qx, qy = random_batch(cfg, 2)
     plain = learner(dataclasses.replace(cfg, support_views="none"))
     loss, acc = with_views.meta_loss(sx, sy, qx, qy, iteration=0)
