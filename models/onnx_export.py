@@ -199,12 +199,10 @@ def export_onnx(
     feats = _conv4(g, spec, params, stats) if spec.arch.startswith("conv4") else _mlp(g, spec, params, stats)
     head_w, head_b = g.const("head.weight", params["head.weight"]), g.const("head.bias", params["head.bias"])
     views = spec.query_view_count
+    logits = g.op("Gemm", feats, head_w, head_b, transB=1, out=OUTPUT_NAME if views == 1 else None)
     if views > 1:  # [V * Q, ways] view-major -> each query's mean over its views
-        logits = g.op("Gemm", feats, head_w, head_b, transB=1)
         by_view = g.op("Reshape", logits, g.const_int64("views.shape", [views, -1, spec.ways]))
         g.op("ReduceMean", by_view, axes=[0], keepdims=0, out=OUTPUT_NAME)
-    else:
-        g.op("Gemm", feats, head_w, head_b, transB=1, out=OUTPUT_NAME)
     g.op("Softmax", OUTPUT_NAME, axis=1, out=PROBABILITIES_NAME)
 
     graph = helper.make_graph(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.maml import predict
 from models.spec import SUPPORT_VIEWS, VIEW_ARCHS
 
 __all__ = ["SUPPORT_VIEWS", "VIEW_ARCHS", "mean_over_views", "predict_on_views", "query_views", "shifted",
@@ -87,7 +88,5 @@ def predict_on_views(spec, fast, query_x: torch.Tensor, support_x: torch.Tensor 
                      **kwargs) -> torch.Tensor:
     """models.maml.predict under the model's query views, as the server predicts: query_x [T, Q, ...] -> logits
     [T, Q, ways], each query's the mean of its views' (plain predict without query views). kwargs go to predict."""
-    from models.maml import predict  # models.maml stays free of the views
-
     out = predict(spec, fast, query_views(spec.query_views, query_x), support_x, **kwargs)
     return mean_over_views(out, spec.query_view_count)
