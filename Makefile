@@ -55,6 +55,11 @@ rl-demo: setup
 rl-demo-cheetah: setup
 	$(PY) -m server.rl_demo --model halfcheetah-vel --out $(RESULTS)/rl-demo-halfcheetah-vel $(ARGS)
 
+# The bundled half-cheetah direction policy (forward / backward) the same way (docs/results/rl-demo-halfcheetah-dir/).
+.PHONY: rl-demo-cheetah-dir
+rl-demo-cheetah-dir: setup
+	$(PY) -m server.rl_demo --model halfcheetah-dir --out $(RESULTS)/rl-demo-halfcheetah-dir $(ARGS)
+
 serve: setup
 	$(PY) -m server --model-dir models/zoo --host 127.0.0.1 --port 50051 $(ARGS)
 
