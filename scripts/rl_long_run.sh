@@ -18,11 +18,8 @@ case "$CONFIG" in navigation-2d|halfcheetah-vel|halfcheetah-dir) ;;
     *) echo "$0: CONFIG $CONFIG, expected navigation-2d, halfcheetah-vel or halfcheetah-dir" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 RUN=${RUN_DIR:-docs/results/$CONFIG}  # RUN_DIR: elsewhere (the tests)
-if [ -z "${MAX_SECONDS:-}" ]; then  # until STOP_AT's next occurrence (today, or tomorrow once it has passed)
-    NOW=$(date -u +%s); UNTIL=$(date -u -d "${STOP_AT:-$DEFAULT_STOP}" +%s)
-    [ "$UNTIL" -gt "$NOW" ] || UNTIL=$(( UNTIL + 86400 ))
-    MAX_SECONDS=$(( UNTIL - NOW - 90 ))  # a meta-iteration may run past the limit
-fi
+# until STOP_AT's next occurrence, less 90 s: a meta-iteration may run past the limit
+[ -n "${MAX_SECONDS:-}" ] || MAX_SECONDS=$(scripts/seconds_until.sh "${STOP_AT:-$DEFAULT_STOP}" 90)
 RESUME=()
 [ -f "$RUN/state/state.pt" ] && RESUME=(--resume)
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 .venv/bin/python -m trainer "$CONFIG" "${RESUME[@]}" \
