@@ -344,21 +344,39 @@ def predict(
     `running`: the last entry (the final step's) of the checkpoint's per-step statistics `bn_running`
     ({bn{i}.mean, bn{i}.var} [S, C]); every query is normalized on its own, without support set or neighbours.
     """
+    features, skip = predict_features(spec, fast, query_x, support_x, bn_policy, stats=stats, bn_running=bn_running)
+    return head_logits(fast, features)[:, skip:]
+
+
+def predict_features(
+    spec: ModelSpec,
+    fast: dict[str, torch.Tensor],
+    query_x: torch.Tensor,
+    support_x: torch.Tensor | None = None,
+    bn_policy: str | None = None,
+    *,
+    stats: dict[str, torch.Tensor] | None = None,
+    bn_running: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """What `predict` (the same arguments) applies the head to: the features [T, R, F] of the rows it forwards and
+    how many leading rows are not queries (the support rows forwarded for their statistics), so that
+    `predict(...) == head_logits(fast, features)[:, skip:]`. The features depend on the body alone: an adaptation
+    that only moves the head (ANIL) predicts every step from one call of this."""
     if spec.uses_running_stats(bn_policy):
         if bn_running is None:
             raise ValueError(f"model {spec.name} uses bn_policy 'running': predict needs the checkpoint's per-step "
                              "running statistics (bn_running); expected MetaModel.bn_running")
         steps = next(iter(bn_running.values())).shape[0]
-        return forward(spec, fast, query_x, stats=running_at(bn_running, steps - 1, query_x.shape[0]))
+        return body_features(spec, fast, query_x, stats=running_at(bn_running, steps - 1, query_x.shape[0])), 0
     if spec.predict_needs_support_stats(bn_policy):
         if stats is not None:
-            return forward(spec, fast, query_x, stats=stats)
+            return body_features(spec, fast, query_x, stats=stats), 0
         if support_x is None:
             raise ValueError(f"model {spec.name} uses bn_policy 'support': predict needs the support statistics "
                              "(stats) or the support set")
         n = support_x.shape[1]
-        return forward(spec, fast, torch.cat([support_x, query_x], dim=1), stat_rows=n)[:, n:]
-    return forward(spec, fast, query_x)
+        return body_features(spec, fast, torch.cat([support_x, query_x], dim=1), stat_rows=n), n
+    return body_features(spec, fast, query_x), 0
 
 
 def adaptation_stats(spec: ModelSpec, fast: dict[str, torch.Tensor], support_x: torch.Tensor,

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from models.functional import stack_params, step_row
-from models.maml import adapt
+from models.functional import HEAD_KEYS, head_logits, stack_params, step_row
+from models.maml import adapt, predict_features
 from models.spec import SUPPORT_VIEWS, ModelSpec
-from models.views import predict_on_views, support_views
+from models.views import mean_over_views, query_views, support_views
 
 POLICIES = ("transductive", "support", "running")  # running: only for models with bn_running
 
@@ -42,6 +42,19 @@ def _query_metric(spec: ModelSpec, logits, query_y):
     if spec.is_regression:
         return ((logits - query_y) ** 2).mean(dim=(1, 2))
     return (logits.argmax(-1) == query_y).float().mean(1) * 100.0
+
+
+def _query_logits(spec: ModelSpec, fast, policy: str, qx, sx, bn_running, cache: dict | None) -> torch.Tensor:
+    """models.views.predict_on_views on the query views `qx` [T, Q * V, ...], with the features under `policy` kept
+    in `cache` (a dict, when only the head adapts) for the next step: the same operations as predict, so the same
+    logits."""
+    found = None if cache is None else cache.get(policy)
+    if found is None:
+        found = predict_features(spec, fast, qx, None if policy == "running" else sx, bn_policy=policy,
+                                 bn_running=bn_running)
+        if cache is not None:
+            cache[policy] = found
+    return mean_over_views(head_logits(fast, found[0])[:, found[1]:], spec.query_view_count)
 
 
 def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk: int = 100,
@@ -75,6 +88,10 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
     if step_bn is not None:
         step_bn = {k: v.detach() for k, v in step_bn.items()}
     recipe = adapt_keys is not None or step_lrs is not None or step_bn is not None
+    # ANIL-style recipes move only the head and predict with the final step's batch-norm weights, so the query
+    # features under each policy are the same after every step: forwarded once per chunk (the same operations as
+    # predict, so the same logits), only the head applied per step
+    head_only = adapt_keys is not None and set(adapt_keys) <= set(HEAD_KEYS)
     batch_policies = [p for p in policies if p != "running"]  # adapted with the support batch's statistics
     done = 0
     while done < tasks:
@@ -83,6 +100,8 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
         # the model's support views (models.views), as the server adapts: the prototypes, steps and support
         # statistics see the extended support set
         sx, sy = support_views(spec.support_views, b.support_x, b.support_y)
+        qx = query_views(spec.query_views, b.query_x)
+        features: dict | None = {} if head_only else None
         # The final step's batch-norm weights: what the queries are predicted with after any number of steps
         final = {} if step_bn is None else step_row(step_bn, next(iter(step_bn.values())).shape[0] - 1, n)
         fast = {**stack_params(params, n), **final}
@@ -99,10 +118,10 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
         for s in range(steps + 1):
             with torch.no_grad():
                 for p in batch_policies:
-                    out = predict_on_views(spec, fast, b.query_x, sx, bn_policy=p)
+                    out = _query_logits(spec, fast, p, qx, sx, bn_running, features)
                     per_task[p][s].append(_query_metric(spec, out, b.query_y).cpu())
                 if fast_running is not None:
-                    out = predict_on_views(spec, fast_running, b.query_x, bn_policy="running", bn_running=bn_running)
+                    out = _query_logits(spec, fast_running, "running", qx, sx, bn_running, features)
                     per_task["running"][s].append(_query_metric(spec, out, b.query_y).cpu())
             if s == steps:
                 break

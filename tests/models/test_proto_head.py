@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from models.checkpoint import MetaModel, load_checkpoint, save_checkpoint
-from models.functional import adapted_keys, body_features, init_params, stack_params
-from models.maml import adapt, predict, prototype_head
+from models.functional import adapted_keys, body_features, head_logits, init_params, stack_params, stats_shapes
+from models.maml import adapt, predict, predict_features, prototype_head
 from models.spec import ModelSpec
 from trainer.evaluate import evaluate
 
@@ -89,6 +89,22 @@ def test_a_step_by_step_evaluation_equals_one_adapt_call_per_step_count():
         out = predict(SPEC, fast, qx, bn_policy="transductive")
         acc = ((out.argmax(-1) == qy).float().mean(1) * 100).mean().item()
         assert result["transductive"]["mean"][steps] == pytest.approx(acc), steps
+
+
+@pytest.mark.parametrize("policy", ["transductive", "support", "running"])
+def test_predict_is_the_head_on_predict_features_to_the_bit(policy):
+    # what the evaluation's per-step head on once-forwarded query features relies on (trainer.evaluate)
+    params, (sx, sy, qx) = _params(), _tasks()
+    running = {k: torch.rand(2, *shape, generator=torch.Generator().manual_seed(3)) + 0.5
+               for k, shape in stats_shapes(SPEC).items()}
+    fast = adapt(SPEC, params, sx, sy, 2, SPEC.inner_lr, adapt_keys=HEAD).params
+    want = predict(SPEC, fast, qx, sx, bn_policy=policy, bn_running=running)
+    features, skip = predict_features(SPEC, fast, qx, sx, bn_policy=policy, bn_running=running)
+    assert skip == (sx.shape[1] if policy == "support" else 0) and features.shape[1] == qx.shape[1] + skip
+    assert torch.equal(head_logits(fast, features)[:, skip:], want)
+    other = adapt(SPEC, params, sx, sy, 0, SPEC.inner_lr, adapt_keys=HEAD).params  # another head, the same body
+    again, _ = predict_features(SPEC, other, qx, sx, bn_policy=policy, bn_running=running)
+    assert torch.equal(again, features)
 
 
 def test_a_class_without_support_rows_gets_a_zero_prototype_and_nothing_non_finite():

@@ -327,9 +327,10 @@ def test_a_maml_plus_plus_run_with_per_step_weights_resumes_bit_for_bit_and_chec
         assert torch.equal(v, plain.learner.params[k].detach().unsqueeze(0).expand_as(v)), k
 
 
-def test_evaluate_adapts_step_s_with_row_s_and_predicts_with_the_last_row():
+@pytest.mark.parametrize("adapt_params", ["no-bn", "head"])  # head: the query features forwarded once per chunk
+def test_evaluate_adapts_step_s_with_row_s_and_predicts_with_the_last_row(adapt_params):
     params, step_bn = meta_params(), distinct_rows(SPEC, 2)
-    keys = adapted_keys(SPEC, "no-bn")
+    keys = adapted_keys(SPEC, adapt_params)
     g = torch.Generator().manual_seed(5)
     running = {k: torch.rand(2, c, generator=g) + 0.5 if k.endswith(".var") else 0.1 * torch.randn(2, c, generator=g)
                for k, (c,) in stats_shapes(SPEC).items()}
