@@ -16,11 +16,8 @@ set -euo pipefail
 CONFIG=$1 RUN=$2 INIT=$3 DEFAULT_STOP=$4
 shift 4
 cd "$(dirname "$0")/.."
-if [ -z "${MAX_SECONDS:-}" ]; then  # until STOP_AT's next occurrence (today, or tomorrow once it has passed)
-    NOW=$(date -u +%s); UNTIL=$(date -u -d "${STOP_AT:-$DEFAULT_STOP}" +%s)
-    [ "$UNTIL" -gt "$NOW" ] || UNTIL=$(( UNTIL + 86400 ))
-    MAX_SECONDS=$(( UNTIL - NOW - 30 ))
-fi
+# until STOP_AT's next occurrence (today, or tomorrow once it has passed), less 30 s
+[ -n "${MAX_SECONDS:-}" ] || MAX_SECONDS=$(scripts/seconds_until.sh "${STOP_AT:-$DEFAULT_STOP}")
 RESUME=()
 [ -f "$RUN/state/state.pt" ] && RESUME=(--resume)
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 .venv/bin/python -m trainer "$CONFIG" "${RESUME[@]}" \
