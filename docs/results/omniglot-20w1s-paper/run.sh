@@ -10,11 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 RUN=docs/results/omniglot-20w1s-paper
-if [ -z "${MAX_SECONDS:-}" ]; then
-    NOW=$(date -u +%s); UNTIL=$(date -u -d "${STOP_AT:?STOP_AT=HH:MM or MAX_SECONDS=N}" +%s)
-    [ "$UNTIL" -gt "$NOW" ] || UNTIL=$(( UNTIL + 86400 ))
-    MAX_SECONDS=$(( UNTIL - NOW - 30 ))
-fi
+[ -n "${MAX_SECONDS:-}" ] || MAX_SECONDS=$(scripts/seconds_until.sh "${STOP_AT:?STOP_AT=HH:MM or MAX_SECONDS=N}")
 RESUME=()
 [ -f "$RUN/state.pt" ] && RESUME=(--resume)
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 .venv/bin/python -m trainer omniglot-20w1s "${RESUME[@]}" \
