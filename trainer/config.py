@@ -45,6 +45,11 @@ class TrainConfig:
     # Augmentation in meta-training: every train image moved by its own random (dy, dx) in [-s, s]^2 pixels, edge
     # pixels repeated (trainer.data.sampler, shift); 0 = none. Validation and the meta-test are unchanged.
     train_shift: int = 0
+    # More of it: every train image warped by its own rotation in [-d, d] degrees (train_tilt; not the 90-degree class
+    # rotations) and a stretch of each axis in [1 - z, 1 + z] (train_scale), after the shift (trainer.data.sampler,
+    # warped); 0 = none.
+    train_tilt: float = 0.0
+    train_scale: float = 0.0
     # Views of every support image the inner loop adapts on (models.views: none, cross2), in meta-training, validation
     # and the meta-test; the checkpoint's spec carries them, so the server adapts the same way.
     support_views: str = "none"
@@ -281,6 +286,11 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argpar
                             or not 0 < cfg.train_shift <= 4):
         parser.error(f"--train_shift {cfg.train_shift} with {cfg.dataset} / {cfg.arch}: expected 0, or 1-4 pixels "
                      "for an Omniglot conv4 model")
+    if (cfg.train_tilt or cfg.train_scale) and (
+            cfg.dataset != "omniglot" or not cfg.arch.startswith("conv4")
+            or not 0 <= cfg.train_tilt <= 45 or not 0 <= cfg.train_scale < 0.5):
+        parser.error(f"--train_tilt {cfg.train_tilt} --train_scale {cfg.train_scale} with {cfg.dataset} / {cfg.arch}: "
+                     "expected degrees in [0, 45] and an axis stretch in [0, 0.5) for an Omniglot conv4 model")
     if cfg.support_views not in SUPPORT_VIEWS:
         parser.error(f"--support_views {cfg.support_views!r}, expected one of {', '.join(SUPPORT_VIEWS)}")
     if cfg.support_views != "none" and cfg.arch not in VIEW_ARCHS:

@@ -52,7 +52,7 @@ def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
                  "test": lambda: SinusoidSampler(cfg.shots, cfg.eval_queries, seed=TEST_SEED, device=device)},
                 {"dataset": "sinusoid"})
     task_kind: dict = {}  # the train sampler's task kind: --train_within_alphabet (labels, share), --rotation_classes,
-    # --train_shift
+    # --train_shift, --train_tilt / --train_scale
     if cfg.dataset == "omniglot":
         from trainer.data.omniglot import load_omniglot, omniglot_split, omniglot_split_alphabets, split_info
         from trainer.data.sampler import omniglot_sampler as make
@@ -67,6 +67,8 @@ def build_samplers(cfg: TrainConfig, device) -> tuple[dict, dict]:
                       "within_alphabet": True, "within_fraction": cfg.train_within_alphabet}
         if cfg.train_shift:
             task_kind["shift"] = cfg.train_shift
+        if cfg.train_tilt or cfg.train_scale:
+            task_kind.update(tilt=cfg.train_tilt, scale=cfg.train_scale)
     elif cfg.dataset == "miniimagenet":
         from trainer.data.miniimagenet import load_miniimagenet
         from trainer.data.miniimagenet import miniimagenet_sampler as make

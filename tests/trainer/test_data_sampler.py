@@ -239,3 +239,74 @@ def test_shift_moves_every_image_of_the_same_batch_by_its_own_offset():
 def test_a_shift_outside_the_image_is_refused(shift):
     with pytest.raises(ValueError, match=r"shift=.*, expected whole pixels in \[0, 5\]"):
         TaskSampler(tagged_images(), 5, 1, 1, shift=shift)
+
+
+def _bilinear_reference(image: np.ndarray, degrees: float, sx: float, sy: float) -> np.ndarray:
+    """`warped` of one [H, W] image, pixel by pixel in float64: each output pixel centre, relative to the image
+    centre, is un-rotated (counterclockwise on screen is clockwise in (x right, y down)) and un-stretched, then read
+    bilinearly from the input with coordinates clamped to the frame (edge pixels repeated)."""
+    h, w = image.shape
+    a = np.deg2rad(degrees)
+    out = np.empty_like(image, dtype=np.float64)
+    for i in range(h):
+        for j in range(w):
+            x, y = j + 0.5 - w / 2, i + 0.5 - h / 2  # pixel centre, from the image centre
+            xs, ys = (np.cos(a) * x - np.sin(a) * y * w / h) / sx, (np.sin(a) * x * h / w + np.cos(a) * y) / sy
+            c, r = min(max(xs + w / 2 - 0.5, 0), w - 1), min(max(ys + h / 2 - 0.5, 0), h - 1)
+            c0, r0 = min(int(np.floor(c)), w - 2), min(int(np.floor(r)), h - 2)
+            fc, fr = c - c0, r - r0
+            out[i, j] = ((1 - fr) * ((1 - fc) * image[r0, c0] + fc * image[r0, c0 + 1])
+                         + fr * ((1 - fc) * image[r0 + 1, c0] + fc * image[r0 + 1, c0 + 1]))
+    return out
+
+
+def test_warped_turns_as_rot90_at_right_angles_and_matches_a_pixel_loop_reference_in_between():
+    from trainer.data.sampler import warped
+
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(4)
+    for degrees, k in ((90, 1), (-90, -1), (180, 2)):
+        got = warped(x, torch.full((4,), float(degrees)), ones, ones)
+        torch.testing.assert_close(got, torch.rot90(x, k, dims=(-2, -1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(warped(x, torch.zeros(4), ones, ones), x, atol=1e-5, rtol=0)
+    params = [(12.5, 1.1, 0.9), (-30.0, 0.85, 1.2), (3.0, 1.0, 1.0), (44.0, 1.3, 1.3)]
+    got = warped(x, *(torch.tensor(p) for p in zip(*params)))
+    for m, (degrees, sx, sy) in enumerate(params):
+        expected = _bilinear_reference(x[m, 0].double().numpy(), degrees, sx, sy)
+        np.testing.assert_allclose(got[m, 0].numpy(), expected, atol=1e-5)
+    # a vertical bar 4 pixels wide, stretched 2x across: 8 wide, and the same bar stretched down is unchanged
+    bar = torch.zeros(1, 1, 28, 28)
+    bar[..., 12:16] = 1
+    assert int((warped(bar, torch.zeros(1), torch.tensor([2.0]), torch.ones(1))[0, 0, 5] > 0.5).sum()) == 8
+    torch.testing.assert_close(warped(bar, torch.zeros(1), torch.ones(1), torch.tensor([2.0])), bar)
+
+
+def test_tilt_and_scale_warp_every_image_of_the_same_batch_by_its_own_map_reproducibly():
+    """tilt/scale: the batch holds the images the plain sampler draws for the seed (same classes, examples, shifts),
+    each one warped a little and differently; the same seed or a restored state draws the same warps."""
+    images = np.random.default_rng(5).integers(0, 256, (12, 10, 28, 28), dtype=np.uint8)
+    plain = TaskSampler(images, 5, 2, 3, seed=11, shift=1).sample(4)
+    sampler = TaskSampler(images, 5, 2, 3, seed=11, shift=1, tilt=10, scale=0.1)
+    warped_batch = sampler.sample(4)
+    assert torch.equal(plain.classes, warped_batch.classes) and torch.equal(plain.query_index, warped_batch.query_index)
+    for which in ("support_x", "query_x"):
+        src, got = getattr(plain, which).flatten(0, 1), getattr(warped_batch, which).flatten(0, 1)
+        change = (got - src).abs().flatten(1).mean(1)  # per image
+        assert (change > 0).all() and change.max() < 0.35  # every image warped, none beyond recognition
+        assert len(set(change.tolist())) == len(change)  # each by its own map
+    state = sampler.state_dict()
+    again = sampler.sample(4)
+    sampler.load_state_dict(state)
+    assert torch.equal(sampler.sample(4).support_x, again.support_x)
+    twin = TaskSampler(images, 5, 2, 3, seed=11, shift=1, tilt=10, scale=0.1)
+    assert torch.equal(twin.sample(4).query_x, warped_batch.query_x)
+    assert "tilts up to 10 deg, axis scales 1 +- 0.1" in repr(sampler)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"tilt": -1}, r"tilt=-1, expected a number in \[0, 45\] degrees"),
+                                           ({"tilt": 46}, r"tilt=46"), ({"tilt": True}, r"tilt=True"),
+                                           ({"scale": 0.5}, r"scale=0.5, expected a number in \[0, 0.5\)"),
+                                           ({"scale": "0.1"}, r"scale='0.1'")])
+def test_a_warp_out_of_bounds_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TaskSampler(tagged_images(), 5, 1, 1, **kwargs)

@@ -334,3 +334,21 @@ def test_train_shift_augments_the_train_tasks_alone_and_bad_values_are_refused(t
             config_from_args(argv)
         err = capsys.readouterr().err
         assert exc.value.code == 2 and "expected 0, or 1-4 pixels for an Omniglot conv4 model" in err
+
+
+def test_train_tilt_and_scale_warp_the_train_tasks_alone_and_bad_values_are_refused(tmp_path, capsys):
+    cfg = _omniglot_cfg(tmp_path, "proto-anil", train_shift=1, train_tilt=10.0, train_scale=0.1, iterations=2,
+                        hidden=8, meta_batch=8, log_every=2, val_every=2, checkpoint_every=2, final_eval=False)
+    trainer = Trainer(cfg)
+    train, test = trainer.samplers["train"], trainer.samplers["test"]()
+    assert (train.shift, train.tilt, train.scale) == (1, 10.0, 0.1) and (test.tilt, test.scale) == (0.0, 0.0)
+    trainer.train()
+    assert trainer.provenance()["config"]["train_tilt"] == 10.0
+    assert trainer.provenance()["config"]["train_scale"] == 0.1
+    for argv in (["omniglot-20w1s", "--train_tilt", "50"], ["omniglot-20w1s", "--train_scale", "0.5"],
+                 ["sinusoid", "--train_tilt", "5"]):
+        with pytest.raises(SystemExit) as exc:
+            config_from_args(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "expected degrees in [0, 45] and an axis stretch in [0, 0.5)" in err
+        assert argv[-1] in err

@@ -23,6 +23,11 @@ character and its rotation as two classes (random tasks only).
 pixels repeated (as `models.views.shifted`): new drawings of the same characters each batch. The offsets are drawn
 after the classes and examples, so a batch holds the same images as without the shift, each moved; s = 0 draws
 nothing, and a run without it samples exactly as before.
+
+`tilt=d` and `scale=z` (more of that augmentation) then warp every drawn image by its own small affine map: a rotation
+by a uniform angle in [-d, d] degrees (not the 90-degree class rotations) and a stretch of each axis by its own factor
+in [1 - z, 1 + z], bilinear, edge pixels repeated (`warped`): a character drawn a little tilted, wider or taller. Its
+parameters are drawn after the shifts, so a run without it samples exactly as before.
 """
 
 from __future__ import annotations
@@ -159,6 +164,34 @@ class GeneratorState:
             self.generator.set_state(saved)
 
 
+MAX_TILT, MAX_SCALE = 45.0, 0.5  # the warp's bounds: a character stays upright-ish and inside the frame
+
+
+def check_warp(tilt, scale) -> tuple[float, float]:
+    """(tilt, scale) as floats, or ValueError naming the bad one: tilt degrees in [0, 45], scale in [0, 0.5)."""
+    for name, value, top, closed in (("tilt", tilt, MAX_TILT, True), ("scale", scale, MAX_SCALE, False)):
+        if (isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating)
+                or not (0 <= value <= top if closed else 0 <= value < top)):
+            raise ValueError(f"{name}={value!r}, expected a number in [0, {top:g}{']' if closed else ')'}"
+                             + (" degrees" if name == "tilt" else ""))
+    return float(tilt), float(scale)
+
+
+def warped(x: torch.Tensor, degrees: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+    """x [M, C, H, W] with image m rotated counterclockwise by degrees[m] (as torch.rot90 turns at 90) and stretched
+    by sx[m] across and sy[m] down about its centre: bilinear, edge pixels repeated into what the frame uncovers.
+
+    The sampling grid maps each output pixel centre back into the input: S^-1 R^-1 (rotation after the stretch)."""
+    a = torch.deg2rad(degrees.to(x.dtype))
+    cos, sin = torch.cos(a), torch.sin(a)
+    sx, sy = sx.to(x.dtype), sy.to(x.dtype)
+    # affine_grid coordinates are (x right, y down) in [-1, 1]; R^-1 of a counterclockwise turn on screen
+    theta = torch.stack([torch.stack([cos / sx, -sin / sx, torch.zeros_like(a)], -1),
+                         torch.stack([sin / sy, cos / sy, torch.zeros_like(a)], -1)], 1)  # [M, 2, 3]
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class TaskSampler(GeneratorState):
     """N-way (`ways`), K-shot (`shots`) tasks with `queries` query examples per class, drawn from uint8 `images`.
 
@@ -170,6 +203,8 @@ class TaskSampler(GeneratorState):
     round(within_fraction * T)); the rest are random tasks. 1.0 (default): all of them.
     rotation_classes: with rotate=True, draw each task's classes from the 4 x n_classes (character, rotation) pairs.
     shift: move every image by a random (dy, dx) in [-shift, shift]^2 pixels (augmentation; 0: none).
+    tilt, scale: warp every image by a random rotation in [-tilt, tilt] degrees and a stretch of each axis in
+    [1 - scale, 1 + scale] (augmentation, after the shift; 0, 0: none).
     """
 
     def __init__(
@@ -187,6 +222,8 @@ class TaskSampler(GeneratorState):
         within_fraction: float = 1.0,
         rotation_classes: bool = False,
         shift: int = 0,
+        tilt: float = 0.0,
+        scale: float = 0.0,
     ):
         super().__init__(seed, device)
         data = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
@@ -213,6 +250,7 @@ class TaskSampler(GeneratorState):
         if isinstance(shift, bool) or not isinstance(shift, int | np.integer) or not 0 <= shift < min(data.shape[-2:]):
             raise ValueError(f"shift={shift!r}, expected whole pixels in [0, {min(data.shape[-2:]) - 1}]")
         self.shift = int(shift)
+        self.tilt, self.scale = check_warp(tilt, scale)
         self.rotate = bool(rotate)
         if self.rotate and data.shape[-1] != data.shape[-2]:
             raise ValueError(f"rotate=True needs square images, got H x W = {data.shape[-2]} x {data.shape[-1]}")
@@ -291,6 +329,14 @@ class TaskSampler(GeneratorState):
         index = torch.arange(m, device=self.device)[:, None, None]
         return padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
+    def _warped(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, C, H, W], each image warped by its own angle in [-tilt, tilt] and axis factors in [1 +- scale]."""
+        m = x.shape[0]
+        if m == 0:
+            return x
+        u = torch.rand((m, 3), generator=self.generator, device=self.device) * 2 - 1  # [-1, 1)
+        return warped(x, u[:, 0] * self.tilt, 1 + u[:, 1] * self.scale, 1 + u[:, 2] * self.scale)
+
     def sample(self, tasks: int) -> TaskBatch:
         tasks = check_count("tasks", tasks, 1)
         n, k, q = self.ways, self.shots, self.queries
@@ -324,6 +370,8 @@ class TaskSampler(GeneratorState):
         support_x, query_x = self._gather(support_rows), self._gather(query_rows)
         if self.shift:
             support_x, query_x = self._shifted(support_x), self._shifted(query_x)
+        if self.tilt or self.scale:
+            support_x, query_x = self._warped(support_x), self._warped(query_x)
         return TaskBatch(
             support_x=support_x.reshape(tasks, n * k, *self.example_shape),
             support_y=self._support_y.expand(tasks, n * k).contiguous(),
@@ -343,18 +391,22 @@ class TaskSampler(GeneratorState):
             + (f", within {len(self.alphabet_names)} alphabets" if self.within_alphabet else "")
             + (f" for {self.within_fraction:g} of each batch" if self.within_alphabet and self.within_fraction < 1
                else "") + (", rotations as classes" if self.rotation_classes else "")
-            + (f", shifts up to {self.shift} px" if self.shift else "") + ")"
+            + (f", shifts up to {self.shift} px" if self.shift else "")
+            + (f", tilts up to {self.tilt:g} deg, axis scales 1 +- {self.scale:g}" if self.tilt or self.scale else "")
+            + ")"
         )
 
 
 def omniglot_sampler(split_images, ways: int, shots: int, queries: int, rotate: bool = False, seed: int = 0,
                      device: str | torch.device = "cpu", alphabets: Sequence[str] | None = None,
                      within_alphabet: bool = False, within_fraction: float = 1.0,
-                     rotation_classes: bool = False, shift: int = 0) -> TaskSampler:
+                     rotation_classes: bool = False, shift: int = 0, tilt: float = 0.0,
+                     scale: float = 0.0) -> TaskSampler:
     """A sampler over one Omniglot split (uint8 [n, 20, 28, 28]) with the Omniglot preprocessing 1 - x/255.
 
     alphabets: the alphabet of each class of the split (`omniglot_split_alphabets`), for within_alphabet=True."""
     return TaskSampler(split_images, ways, shots, queries, rotate=rotate, seed=seed, device=device,
                        preprocess=invert_uint8, alphabets=alphabets, within_alphabet=within_alphabet,
-                       within_fraction=within_fraction, rotation_classes=rotation_classes, shift=shift)
+                       within_fraction=within_fraction, rotation_classes=rotation_classes, shift=shift, tilt=tilt,
+                       scale=scale)
 
