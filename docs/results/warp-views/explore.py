@@ -3,8 +3,9 @@
     PYTHONPATH=. OMP_NUM_THREADS=1 python docs/results/warp-views/explore.py models/zoo/omniglot-20w1s.pt \
         --sets cross2 cross2+tilt5 cross2+tilt10 cross2+scale10 > docs/results/warp-views/run1.log
 
-The meta-test's 600 tasks (seed 1000003, 1 query per class), 0 steps (the prototypes alone: the bundled model's 5
-head steps change its numbers by less than 0.1). Every support image and every query image is seen in each view of
+600 tasks of the meta-test's seed (1000003, 1 query per class) drawn 20 at a time (other tasks than the meta-test's
+chunks of 100 draw; the same for every set here), 0 steps (the prototypes alone: the bundled model's 5 head steps
+change its numbers by less than 0.1). Every support image and every query image is seen in each view of
 the set: the prototypes are the mean features of a class's support views, a query's logits the mean of its views'
 (as the server does with cross2 support and query views). `support`: the extended support set's batch statistics
 (served); `transductive`: the query views' own. A view is a shift by (dy, dx) pixels (edge repeated, as
