@@ -115,17 +115,18 @@ def evaluate(spec: ModelSpec, params, sampler, tasks: int, steps: int, lr, chunk
                 fast_running = {**adapt(spec, fast_running, sx, sy, 0, lr, adapt_keys=adapt_keys,
                                         bn_running=_step_entry(bn_running, 0), step_bn=rows,
                                         head_init="proto").params, **final}
-        # Head-only recipes: the whole chain of fast heads from one adapt call (the support features forwarded
-        # once per chunk and per-step entry, the same operations as a 1-step call per step, so the same heads)
+        # Head-only recipes: the whole chain of fast heads from one adapt call from step 0's weights (the support
+        # features forwarded once per chunk and per-step entry, the same operations as a 1-step call per step, so the
+        # same heads)
         chain = chain_running = None
         if head_only and steps:
-            start = {**stack_params(params, n), **final}
             if batch_policies:
-                chain = adapt(spec, start, sx, sy, steps, lr, adapt_keys=adapt_keys, step_lrs=step_lrs,
-                              step_bn=step_bn, keep_trajectory=True).trajectory
+                chain = adapt(spec, fast, sx, sy, steps, lr, adapt_keys=adapt_keys, step_lrs=step_lrs,
+                              step_bn=step_bn, keep_trajectory=True, head_init="meta").trajectory
             if fast_running is not None:
-                chain_running = adapt(spec, start, sx, sy, steps, lr, adapt_keys=adapt_keys, step_lrs=step_lrs,
-                                      bn_running=bn_running, step_bn=step_bn, keep_trajectory=True).trajectory
+                chain_running = adapt(spec, fast_running, sx, sy, steps, lr, adapt_keys=adapt_keys,
+                                      step_lrs=step_lrs, bn_running=bn_running, step_bn=step_bn,
+                                      keep_trajectory=True, head_init="meta").trajectory
         for s in range(steps + 1):
             with torch.no_grad():
                 for p in batch_policies:
