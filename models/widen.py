@@ -54,6 +54,8 @@ def widen(model: MetaModel, hidden: int, *, noise: float = 0.0, seed: int = 0, s
     last_scale = share.sqrt()  # the last layer's features and the head's columns
     g = torch.Generator().manual_seed(seed)
     fresh = torch.arange(hidden) >= h  # the copies noise may touch; the first h channels are the originals
+    # the batch norm after the last conv layer, whose features feed the head (bn3 for both conv4 architectures)
+    last_bn = "bn%d" % max(int(n.split(".")[0][4:]) for n in model.params if n.startswith("conv"))
 
     params = {}
     for name, t in model.params.items():
@@ -71,7 +73,7 @@ def widen(model: MetaModel, hidden: int, *, noise: float = 0.0, seed: int = 0, s
             params[name] = w.contiguous()
         elif name.startswith("bn"):
             w = t[src]
-            params[name] = (w * last_scale if layer == "bn3" else w).contiguous()
+            params[name] = (w * last_scale if layer == last_bn else w).contiguous()
         elif name == "head.weight":
             if spec.arch == "conv4-omniglot":
                 params[name] = (t[:, src] * last_scale).contiguous()
@@ -88,7 +90,7 @@ def widen(model: MetaModel, hidden: int, *, noise: float = 0.0, seed: int = 0, s
         out = {}
         for k, v in d.items():  # [S, C]
             w = v.detach().to(torch.float32)[:, src]
-            out[k] = (w * last_scale if scale_last and k.startswith("bn3.") else w).contiguous()
+            out[k] = (w * last_scale if scale_last and k.startswith(last_bn + ".") else w).contiguous()
         return out
 
     provenance = dict(model.provenance)
