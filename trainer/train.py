@@ -289,7 +289,8 @@ class Trainer:
                           "train_acc": (acc_sum / window).item() * 100}
                 loss_sum = acc_sum = None
                 window = 0
-                if self.iteration % cfg.val_every == 0 or last:
+                # a run without a validation split (--val_classes 0) logs no "val" (NaN is not JSON)
+                if self.samplers["val"] is not None and (self.iteration % cfg.val_every == 0 or last):
                     self.train_seconds += time.perf_counter() - t0  # validation time is not training time
                     val = self.validate()
                     t0 = time.perf_counter()
