@@ -2,7 +2,7 @@
 the same tensors and head start, 10 head steps by default; docs/results/omniglot-5w5s-from-20w/ and omniglot-20w5s/):
 served over loopback on real 5-shot tasks of new Omniglot alphabets, each adapts the head alone for its 10 default
 steps and predicts on its query views exactly as the in-process reference does, and answers far above chance.
-`omniglot-5w1s` is the 20-way Proto-ANIL body served for 5-way tasks (`--ways 5`:
+`omniglot-5w1s` is a 20-way Proto-ANIL body served for 5-way tasks (`--ways 5`:
 docs/results/omniglot-5w1s-from-20w/)."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from models.preprocess import preprocess_uint8
 from models.views import mean_over_views, query_views, support_views
 from server import demo
 from tests.server.conftest import ZOO_DIR
+
+RESULTS = ZOO_DIR.parents[1] / "docs" / "results"
 
 VARIANTS = [("omniglot-5w5s", "omniglot-5w1s", 5), ("omniglot-20w5s", "omniglot-20w1s", 20)]
 
@@ -63,9 +65,17 @@ def test_a_bundled_5_shot_variant_serves_10_head_steps_as_the_reference(serve_zo
     assert correct / total >= 0.9, f"{name}: {correct}/{total} correct on 5-shot tasks of new alphabets"
 
 
-def test_the_bundled_5_way_model_is_the_20_way_body_with_a_prototype_head():
+def test_the_bundled_5_way_model_is_a_20_way_body_with_a_prototype_head():
+    """omniglot-5w1s is the 64-filter all-characters 20-way body with a prototype head: the 128-filter body that
+    omniglot-20w1s serves changed nothing at 5 ways (docs/results/omniglot-20w1s-wide/served/omniglot-5w1s/)."""
     five, twenty = (load_checkpoint(ZOO_DIR / f"{n}.pt") for n in ("omniglot-5w1s", "omniglot-20w1s"))
-    assert five.spec == twenty.spec.with_(name="omniglot-5w1s", ways=5, steps=3) and five.spec.head_init == "proto"
-    assert five.provenance["variant_of"]["name"] == "omniglot-20w1s" and five.provenance["variant_of"]["ways"] == 20
-    for key, value in twenty.params.items():  # the body as trained, the head's first 5 rows (never read: proto)
+    body = load_checkpoint(RESULTS / "omniglot-20w1s-proto-anil-allclasses" / "model.pt")
+    assert five.spec == body.spec.with_(name="omniglot-5w1s", ways=5, steps=3, support_views="cross2",
+                                        query_views="cross2") and five.spec.head_init == "proto"
+    assert five.provenance["variant_of"]["ways"] == 20 and five.provenance["iterations"] == body.provenance["iterations"]
+    for key, value in body.params.items():  # the body as trained, the head's first 5 rows (never read: proto)
         assert torch.equal(five.params[key], value[:5] if key in HEAD_KEYS else value), key
+    wide = load_checkpoint(RESULTS / "omniglot-20w1s-wide-allclasses" / "model.pt")  # the 20-way model's tensors
+    assert twenty.spec == wide.spec.with_(support_views="cross2", query_views="cross2") and twenty.spec.hidden == 128
+    assert twenty.params.keys() == wide.params.keys()
+    assert all(torch.equal(twenty.params[k], wide.params[k]) for k in wide.params)
