@@ -55,7 +55,7 @@ def widen(model: MetaModel, hidden: int, *, noise: float = 0.0, seed: int = 0, s
     g = torch.Generator().manual_seed(seed)
     fresh = torch.arange(hidden) >= h  # the copies noise may touch; the first h channels are the originals
     # the batch norm after the last conv layer, whose features feed the head (bn3 for both conv4 architectures)
-    last_bn = "bn%d" % max(int(n.split(".")[0][4:]) for n in model.params if n.startswith("conv"))
+    last_bn = f"bn{max(int(n.split('.')[0][4:]) for n in model.params if n.startswith('conv'))}"
 
     params = {}
     for name, t in model.params.items():

@@ -72,7 +72,8 @@ def test_the_bundled_5_way_model_is_a_20_way_body_with_a_prototype_head():
     body = load_checkpoint(RESULTS / "omniglot-20w1s-proto-anil-allclasses" / "model.pt")
     assert five.spec == body.spec.with_(name="omniglot-5w1s", ways=5, steps=3, support_views="cross2",
                                         query_views="cross2") and five.spec.head_init == "proto"
-    assert five.provenance["variant_of"]["ways"] == 20 and five.provenance["iterations"] == body.provenance["iterations"]
+    assert five.provenance["variant_of"]["ways"] == 20
+    assert five.provenance["iterations"] == body.provenance["iterations"]
     for key, value in body.params.items():  # the body as trained, the head's first 5 rows (never read: proto)
         assert torch.equal(five.params[key], value[:5] if key in HEAD_KEYS else value), key
     wide = load_checkpoint(RESULTS / "omniglot-20w1s-wide-allclasses" / "model.pt")  # the 20-way model's tensors
