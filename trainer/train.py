@@ -250,9 +250,9 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def validate(self) -> float:
+        """Accuracy (negative loss for regression) on the validation tasks; train() calls it only when there is a
+        validation split."""
         make = self.samplers["val"]
-        if make is None:
-            return float("nan")
         lr = self.learner.inner_lrs if self.learner.inner_lrs is not None else self.cfg.inner_lr
         res = evaluate(self.spec, self.learner.params, make(), self.cfg.val_tasks, self.cfg.test_steps, lr,
                        self.cfg.eval_chunk, policies=(self.cfg.bn_policy,), adapt_keys=self.learner.adapt_keys,
