@@ -21,7 +21,6 @@ if not argv or "--out" not in argv:
     print("usage: errors.py CHECKPOINT --out DIR [trainer.evaluate options]", file=sys.stderr)
     sys.exit(2)
 out = Path(argv[argv.index("--out") + 1])
-steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else None
 calls, batches, alphabets, wrong = [], [], [], []
 
 _sample = TaskSampler.sample

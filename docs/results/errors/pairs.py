@@ -1,5 +1,6 @@
-"""The character pairs errors.py found confused most often, drawn side by side (pairs.png): per row, five drawings
-of one character, a gap, five of the other. `python docs/results/errors-5w5s/pairs.py ERRORS_JSON OUT_PNG [N]`."""
+"""The character pairs errors.py found confused most often under the transductive policy, drawn side by side
+(pairs.png): per row, five drawings of one character, a gap, five of the other.
+`python docs/results/errors/pairs.py ERRORS_JSON OUT_PNG [N]` (N pairs, default 8)."""
 
 import collections
 import json
