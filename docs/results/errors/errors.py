@@ -45,12 +45,17 @@ def metric(spec, logits, query_y):
 TaskSampler.sample = sample
 evaluate._query_metric = metric
 rc = evaluate.main(argv)
+split = json.loads((out / "results.json").read_text())["split"]
+if split != "background":
+    print(f"errors.py: the evaluation ran on the {split!r} split, expected 'background'", file=sys.stderr)
+    sys.exit(2)
 data = load_omniglot(None)
 test = omniglot_split_indices(data, "background", 0)["test"]
 names = [data.characters[i] for i in test]
 policies = ("transductive", "support")
 done = 0
 for b, chunk in zip(batches, calls):
+    assert len(chunk) % 2 == 0, "expected the transductive and support policies only (no running statistics)"
     for policy, (pred, y) in zip(policies, chunk[-2:]):  # the final step's two policies
         for t, q in (pred != y).nonzero().tolist():
             true_c, pred_c = b.classes[t, y[t, q]].item(), b.classes[t, pred[t, q]].item()
@@ -64,8 +69,8 @@ for policy in policies:
     mine = [w for w in wrong if w["policy"] == policy]
     pairs = collections.Counter(tuple(sorted((w["true"], w["predicted"]))) for w in mine)
     tasks = collections.Counter(w["task"] for w in mine)
-    alphabets = collections.Counter(w["true"].split("/")[0] == w["predicted"].split("/")[0] for w in mine)
-    print(f"{policy}: {len(mine)} wrong queries in {len(tasks)} of {done} tasks; same alphabet: {alphabets[True]}")
+    same = sum(w["true"].split("/")[0] == w["predicted"].split("/")[0] for w in mine)
+    print(f"{policy}: {len(mine)} wrong queries in {len(tasks)} of {done} tasks; same alphabet: {same}")
     for pair, n in pairs.most_common(15):
         print(f"  {n:3d}  {pair[0]}  <->  {pair[1]}")
 sys.exit(rc)
